@@ -1,0 +1,144 @@
+"""The command line: parse, call one stage, show the result. User mistakes exit 2 with one ``error:`` line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from qlora_kit.errors import UserError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a YAML recipe")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora-kit", description="QLoRA fine-tuning from one YAML recipe.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    validate = commands.add_parser("validate", help="check a recipe and print it resolved")
+    _add_recipe_args(validate)
+
+    train = commands.add_parser("train", help="fine-tune: 4-bit base + LoRA with trl's SFTTrainer")
+    _add_recipe_args(train)
+    train.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
+    train.add_argument("--force", action="store_true", help="replace an existing run directory")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qlora_kit.recipe import load_recipe, resolved_dict, to_yaml
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    sys.stdout.write(to_yaml(resolved_dict(recipe)))
+    _console().print(f"[green]ok[/green]: {args.recipe} is a valid recipe", style=None)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.train import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    console = _console()
+    console.rule(f"qlora-kit train · {args.recipe}")
+    console.print(f"model [bold]{recipe.model.name_or_path}[/bold] → run directory [bold]{recipe.output_dir}[/bold]")
+    result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console))
+    return 0 if result.run_dir.exists() or not _is_main_process() else 1
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class TrainProgress:
+    """Turns the training stage's milestones into terminal output."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+
+    def __call__(self, event: str, payload: dict[str, Any]) -> None:
+        if not _is_main_process():
+            return
+        getattr(self, f"on_{event}", lambda _: None)(payload)
+
+    def on_data(self, stats: dict[str, Any]) -> None:
+        rows = sum(stats["rows"].values())
+        share = stats["trained_tokens"] / max(stats["tokens"], 1)
+        self.console.print(
+            f"data: {rows} rows ({', '.join(f'{k}: {v}' for k, v in stats['formats'].items())}), "
+            f"{stats['tokens']:,} tokens, {share:.0%} trained on; truncated {stats['truncated']}, "
+            f"dropped {stats['dropped_too_long'] + stats['dropped_no_target']}"
+        )
+
+    def on_model(self, info: dict[str, Any]) -> None:
+        self.console.print(
+            f"model: {info['total']:,} parameters, {info['trainable']:,} trainable LoRA "
+            f"({info['trainable'] / info['total']:.2%}), compute dtype {info['dtype']}"
+        )
+
+    def on_done(self, metrics: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        console = self.console
+        console.print(
+            f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: loss "
+            f"{metrics['train_loss_first']:.3f} → {metrics['train_loss_last']:.3f}, "
+            f"{metrics['tokens_per_second']:.0f} trained tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
+        comparison = metrics.get("comparison")
+        if comparison:
+            table = Table(title="held-out: base vs fine-tuned")
+            table.add_column("metric")
+            table.add_column("base", justify="right")
+            table.add_column("fine-tuned", justify="right")
+            for key in ("eval_loss", "eval_perplexity", "exact_match"):
+                if f"{key}_base" in comparison:
+                    table.add_row(key, f"{comparison[f'{key}_base']:.3f}", f"{comparison[f'{key}_tuned']:.3f}")
+            console.print(table)
+            samples = Table(title="held-out generations", show_lines=True)
+            for column in ("prompt", "reference", "base", "fine-tuned"):
+                samples.add_column(column, overflow="fold")
+            for sample in comparison["samples"]:
+                samples.add_row(sample["prompt"][-80:], sample["reference"], sample["base"], sample["tuned"])
+            console.print(samples)
+        console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
+
+
+COMMANDS = {"validate": cmd_validate, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

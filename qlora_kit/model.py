@@ -1,0 +1,238 @@
+"""Tokenizer, 4-bit base model and LoRA adapter, loaded the way the recipe says.
+
+This is where the known tokenizer traps are closed: a pad token that is not EOS (so EOS stays in the loss and the
+model learns to stop), a chat template for base models that have none, and safetensors-only loading by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import Recipe
+
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+DEFAULT_TEMPLATE = "chatml"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+
+
+def compute_dtype(recipe: Recipe) -> torch.dtype:
+    """The matmul dtype: the recipe's, or bf16 on a GPU that supports it and float32 elsewhere (never fp16 silently)."""
+    name = recipe.quantization.bnb_4bit_compute_dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return DTYPES[name]
+
+
+def weights_dtype(recipe: Recipe) -> torch.dtype:
+    """dtype of the parameters that stay unquantized (embeddings, norms, LoRA)."""
+    return compute_dtype(recipe) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
+
+
+def _check_model_path(recipe: Recipe) -> None:
+    """A name that is clearly a path (./x, /x, ~/x, a/b/c) must exist; anything else may be a hub id."""
+    path = recipe.model.name_or_path
+    if Path(path).expanduser().exists():
+        return
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise UserError(f"model.name_or_path: directory {path} does not exist: give a local model folder or a hub id")
+
+
+def _pretrained_kwargs(recipe: Recipe) -> dict[str, Any]:
+    return {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def load_tokenizer(recipe: Recipe):
+    """Load the tokenizer and make it safe to train with: distinct pad token and a chat template."""
+    from transformers import AutoTokenizer
+
+    _check_model_path(recipe)
+    source = recipe.model.tokenizer_name_or_path or recipe.model.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(recipe))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {_first_line(exc)}") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"model.tokenizer_name_or_path: {source!r} has no fast tokenizer; qlora-kit needs one")
+    ensure_pad_token(tokenizer)
+    set_chat_template(tokenizer, recipe.model.chat_template)
+    return tokenizer
+
+
+def ensure_pad_token(tokenizer) -> str:
+    """Give the tokenizer a pad token that is not EOS; return what was done.
+
+    With pad == EOS, collators that mask padding also mask the real EOS, and the model never learns to stop.
+    Prefer an existing unused special token (unk, or a reserved/pad-named one) so the vocabulary does not grow.
+    """
+    eos = tokenizer.eos_token_id
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
+        return f"kept pad token {tokenizer.pad_token!r}"
+    for candidate in _pad_candidates(tokenizer):
+        if candidate not in (tokenizer.eos_token, tokenizer.bos_token):
+            tokenizer.pad_token = candidate
+            return f"pad token set to existing {candidate!r} (was {'EOS' if eos is not None else 'unset'})"
+    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return "added new pad token '<|pad|>' (embeddings are resized when the model loads)"
+
+
+def _pad_candidates(tokenizer) -> list[str]:
+    vocab_specials = [t for t in tokenizer.get_added_vocab() if "pad" in t.lower() or "reserved" in t.lower()]
+    named = [tokenizer.unk_token] if tokenizer.unk_token else []
+    return named + sorted(vocab_specials, key=lambda t: ("pad" not in t.lower(), t))
+
+
+def set_chat_template(tokenizer, choice: str | None) -> str:
+    """Install the recipe's chat template, or ChatML when the tokenizer has none; return where it came from."""
+    if choice:
+        tokenizer.chat_template = read_template(choice)
+        return choice
+    if tokenizer.chat_template:
+        return "tokenizer"
+    tokenizer.chat_template = read_template(DEFAULT_TEMPLATE)
+    return f"{DEFAULT_TEMPLATE} (the tokenizer has none)"
+
+
+def shipped_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
+
+
+def read_template(choice: str) -> str:
+    """A shipped template by name, a .jinja file by path, or an inline Jinja string."""
+    if (TEMPLATE_DIR / f"{choice}.jinja").is_file():
+        return (TEMPLATE_DIR / f"{choice}.jinja").read_text()
+    if choice.endswith((".jinja", ".j2")):
+        path = Path(choice).expanduser()
+        if not path.is_file():
+            raise UserError(f"model.chat_template: file {choice} does not exist")
+        return path.read_text()
+    if "{%" in choice or "{{" in choice:
+        return choice
+    names = ", ".join(shipped_templates())
+    raise UserError(f"model.chat_template: unknown template {choice!r}: use one of {names}, or a path to a .jinja file")
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end a generated answer: EOS plus the chat template's end-of-turn tokens when they exist."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token in tokenizer.get_vocab() and token_id not in ids:
+            ids.append(token_id)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Base model
+
+
+def quantization_config(recipe: Recipe):
+    """transformers' BitsAndBytesConfig for the recipe, or None for an unquantized base."""
+    from transformers import BitsAndBytesConfig
+
+    quant = recipe.quantization
+    if quant.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if not quant.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(recipe),
+        bnb_4bit_quant_storage=DTYPES[quant.bnb_4bit_quant_storage],
+    )
+
+
+def device_map() -> dict[str, Any] | str:
+    """Each process loads its whole model onto its own device; on CPU everything stays on the CPU."""
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+def load_base_model(recipe: Recipe, tokenizer=None):
+    """Load the pretrained causal LM quantized as the recipe says (4-bit NF4 by default)."""
+    from transformers import AutoModelForCausalLM
+
+    _check_model_path(recipe)
+    kwargs = dict(
+        **_pretrained_kwargs(recipe),
+        quantization_config=quantization_config(recipe),
+        dtype=weights_dtype(recipe),
+        attn_implementation=recipe.model.attn_implementation,
+        device_map=device_map(),
+        use_safetensors=None if recipe.model.allow_pickle else True,
+    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
+        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}{hint}") from None
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    lora = recipe.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        modules_to_save=lora.modules_to_save,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model, recipe: Recipe):
+    """Prepare a k-bit model for training and wrap it with fresh LoRA adapters."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        gradient_checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    try:
+        return get_peft_model(model, lora_config(recipe))
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
+
+
+def load_adapter_model(recipe: Recipe, adapter_dir: str | Path, tokenizer=None, trainable: bool = False):
+    """The 4-bit base with a saved adapter on top, exactly as it was trained."""
+    from peft import PeftModel
+
+    base = load_base_model(recipe, tokenizer)
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,345 @@
+"""The recipe: one YAML file that says what to fine-tune, on what, and how.
+
+Sections mirror the libraries they feed: ``quantization`` uses transformers' BitsAndBytesConfig names, ``lora`` uses
+peft's LoraConfig names, and ``training`` takes any field of trl's SFTConfig. Every problem in a recipe is collected
+and reported at once, each under its dotted key, and unknown keys are errors (with the closest valid name).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from qlora_kit.errors import UserError
+
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
+
+# SFTConfig fields that another section of the recipe owns, and where to set them instead.
+OWNED_TRAINING_FIELDS = {
+    "output_dir": "output_dir (top level) or --output-dir",
+    "max_length": "data.max_length",
+    "model_init_kwargs": "the model section",
+    "trust_remote_code": "model.trust_remote_code",
+    "chat_template_path": "model.chat_template",
+    "dataset_text_field": "data.train[].format",
+    "dataset_kwargs": "the data section",
+    "assistant_only_loss": "data (qlora-kit always trains on assistant/completion tokens only)",
+    "completion_only_loss": "data (qlora-kit always trains on assistant/completion tokens only)",
+    "eos_token": "model.chat_template (EOS ends every example automatically)",
+    "pad_token": "nothing: qlora-kit picks a pad token that is not EOS",
+}
+
+# Defaults qlora-kit sets where SFTConfig's own suit full fine-tuning rather than QLoRA; the recipe can override each.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0,
+    "logging_steps": 5,
+    "save_strategy": "steps",
+    "save_steps": 200,
+    "save_total_limit": 2,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "report_to": "tensorboard",
+    "seed": 42,
+}
+
+SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+
+
+class Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are checked on assignment too."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(description="Hub model id or local directory of the pretrained causal LM.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to use, when not the model's own.")
+    dtype: Dtype = Field("auto", description="dtype of the weights that stay unquantized; auto follows the compute dtype.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel passed to from_pretrained."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped in the checkpoint. Off unless you trust it.")
+    allow_pickle: bool = Field(False, description="Allow .bin/.pt (pickle) weights; by default only safetensors load.")
+    chat_template: str | None = Field(
+        None,
+        description="Chat template: a name shipped with qlora-kit (e.g. chatml), a path to a .jinja file, or empty for "
+        "the tokenizer's own (ChatML when it has none).",
+    )
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(True, description="Load the base in 4-bit (QLoRA).")
+    load_in_8bit: bool = Field(False, description="Load the base in 8-bit instead (for comparison).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.37 bit/param).")
+    bnb_4bit_compute_dtype: Dtype = Field(
+        "auto", description="dtype of the matmuls; auto = bfloat16 on a GPU that has it, float32 otherwise."
+    )
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."
+    )
+
+    @model_validator(mode="after")
+    def _one_mode(self) -> QuantizationSection:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both true: choose one (or neither for no quantization)")
+        return self
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: all-linear or a list of names.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter.")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
+
+
+class DataSource(Section):
+    path: str = Field(description="Local file (.jsonl, .json, .csv, .parquet) or hub dataset id.")
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    name: str | None = Field(None, description="Hub dataset config name.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+
+
+class DataSection(Section):
+    train: list[DataSource] = Field(min_length=1, description="Training sources.")
+    eval: DataSource | None = Field(None, description="Held-out evaluation source.")
+    eval_split: float | None = Field(None, gt=0, lt=1, description="Fraction of train held out for evaluation.")
+    max_length: int = Field(1024, gt=0, description="Longest tokenized example.")
+    truncation: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    seed: int = Field(42, description="Seed for the eval split and shuffling.")
+
+    @model_validator(mode="after")
+    def _one_eval(self) -> DataSection:
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("data.eval and data.eval_split are both set: use one held-out source")
+        return self
+
+
+class EvalSection(Section):
+    num_samples: int = Field(4, ge=0, description="Held-out prompts generated before and after training.")
+    max_new_tokens: int = Field(48, gt=0, description="Longest generation.")
+    max_examples: int = Field(256, gt=0, description="Most held-out examples used for the loss comparison.")
+
+
+class Recipe(Section):
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: dict[str, Any] = Field(default_factory=dict, description="Any field of trl's SFTConfig.")
+    eval: EvalSection = Field(default_factory=EvalSection)
+    output_dir: str | None = Field(None, description="Run directory; default runs/<recipe name>.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The training section: checked against SFTConfig's real fields and types.
+
+
+@functools.cache
+def _sft_field_model() -> type[BaseModel]:
+    """A pydantic model with one optional field per SFTConfig init field, typed as SFTConfig declares it."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    fields = {f.name: (typing.Optional[hints.get(f.name, Any)], None) for f in dataclasses.fields(SFTConfig) if f.init}  # noqa: UP045
+    return create_model("SFTFields", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+
+
+def sft_field_names() -> list[str]:
+    return sorted(_sft_field_model().model_fields)
+
+
+def _check_training(training: Any) -> list[str]:
+    if not isinstance(training, dict):
+        return [f"training: expected a mapping of SFTConfig fields, got {type(training).__name__}"]
+    problems = []
+    names = sft_field_names()
+    for key in training:
+        if key in OWNED_TRAINING_FIELDS:
+            problems.append(f"training.{key}: set it in {OWNED_TRAINING_FIELDS[key]} instead")
+        elif key not in names:
+            problems.append(f"training.{key}: not a field of trl's SFTConfig{_suggest(key, names)}")
+    known = {k: v for k, v in training.items() if k in names and k not in OWNED_TRAINING_FIELDS}
+    try:
+        _sft_field_model()(**known)
+    except ValidationError as exc:
+        problems += [_format_error(err, prefix="training") for err in exc.errors()]
+    merged = {**TRAINING_DEFAULTS, **known}
+    for key in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = merged.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            problems.append(f"training.{key}: must be > 0, got {value}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading, overrides and validation.
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a recipe file with the safe loader (no Python objects can be constructed from YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe file {path} does not exist: give the path to a .yaml recipe")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise UserError(f"recipe file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"recipe file {path} must hold a mapping of sections (model, data, ...), not {type(data).__name__}")
+    return data
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``dotted.key=value`` overrides; values parse as YAML scalars, numeric parts index lists."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"override {item!r} is not key=value: write e.g. training.max_steps=5")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        _set_dotted(raw, key.split("."), value, key)
+    return raw
+
+
+def _set_dotted(node: Any, parts: list[str], value: Any, key: str) -> None:
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise UserError(f"override {key}: '{part}' is not an index into a list of {len(node)}")
+            index = int(part)
+            if index == len(node):
+                node.append({})
+            if last:
+                node[index] = value
+            else:
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, [] if parts[depth + 1].isdigit() else {})
+        else:
+            raise UserError(f"override {key}: '{'.'.join(parts[:depth])}' is a value, not a section")
+
+
+def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    """Validate a raw recipe mapping; raise one UserError listing every problem by dotted key."""
+    problems = []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as exc:
+        problems += [_format_error(err, raw=raw) for err in exc.errors()]
+    problems += _check_training(raw.get("training", {}) or {})
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
+        raise UserError(f"{source} has {count}: " + "; ".join(problems))
+    assert recipe is not None
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file."""
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    recipe = validate(raw, source=str(path))
+    if recipe.output_dir is None:
+        recipe.output_dir = str(Path("runs") / Path(path).stem)
+    return recipe
+
+
+def training_args(recipe: Recipe) -> dict[str, Any]:
+    """The SFTConfig keyword arguments: qlora-kit's defaults under the recipe's own fields."""
+    return {**TRAINING_DEFAULTS, **recipe.training}
+
+
+def resolved_dict(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as it will run (defaults filled in), with secrets redacted, for recipe.yaml."""
+    data = recipe.model_dump(mode="json")
+    data["training"] = training_args(recipe)
+    return redact(data)
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
+
+
+def redact(node: Any, key: str = "") -> Any:
+    """Replace the value of any key that looks like a credential with '<redacted>'."""
+    if isinstance(node, dict):
+        return {k: redact(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v, key) for v in node]
+    if node and isinstance(node, str) and any(word in key.lower() for word in SECRET_WORDS):
+        return "<redacted>"
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Error formatting.
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _valid_keys(model: type[BaseModel], raw: Any, loc: tuple) -> list[str]:
+    """The field names allowed at the parent of ``loc``, for 'did you mean' suggestions."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *typing.get_args(annotation)]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        nested += [a for c in candidates for a in typing.get_args(c) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _format_error(err: dict[str, Any], prefix: str = "", raw: Any = None) -> str:
+    loc = tuple(err["loc"])
+    # pydantic appends the union branch or validator name to some locations; keep only real keys.
+    loc = tuple(p for p in loc if isinstance(p, int) or not (p.startswith(("function-", "literal[")) or "[" in p))
+    key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or prefix or "recipe"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        names = _valid_keys(Recipe, raw, loc) if not prefix else sft_field_names()
+        return f"{key}: unknown key{_suggest(str(loc[-1]), names)}"
+    if kind == "missing":
+        return f"{key}: required but missing"
+    given = err.get("input")
+    shown = "" if isinstance(given, dict | list) else f" (got {given!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {message}{shown}"

@@ -1,0 +1,89 @@
+"""Shared fixtures: offline mode, the demo tokenizer, tiny random-weight models and small data files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "models" / "demo-base"
+DEMO_DATA = REPO / "data" / "demo"
+
+# Set before any Hugging Face import, so nothing in the suite can reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def chat(user: str, assistant: str, system: str | None = None) -> dict:
+    messages = [{"role": "system", "content": system}] if system else []
+    return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(DEMO_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, demo_tokenizer) -> Path:
+    """A random-weight Llama of ~100k parameters with the demo tokenizer, saved like a hub checkpoint."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from qlora_kit.demo_model import tiny_llama_config
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = tiny_llama_config(demo_tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    demo_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def arithmetic_rows() -> list[dict]:
+    import random
+
+    rng = random.Random(0)
+    rows = []
+    for _ in range(48):
+        a, b = rng.randrange(20), rng.randrange(20)
+        rows.append(chat(f"What is {a} plus {b}?", str(a + b)))
+    return rows
+
+
+def tiny_recipe(tmp_path: Path, model_dir: Path, rows: list[dict], **training) -> Path:
+    """Write a small recipe (and its data) that trains in seconds on CPU."""
+    import yaml
+
+    train = write_jsonl(tmp_path / "train.jsonl", rows[: len(rows) * 3 // 4])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", rows[len(rows) * 3 // 4 :])
+    recipe = {
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "data": {"train": [{"path": str(train)}], "eval": {"path": str(held_out)}, "max_length": 64},
+        "training": {"max_steps": 12, "learning_rate": 3e-3, "logging_steps": 1, "per_device_train_batch_size": 8,
+                     "report_to": "none", "save_strategy": "no", **training},
+        "eval": {"num_samples": 2, "max_new_tokens": 4},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
