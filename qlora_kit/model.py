@@ -180,11 +180,28 @@ def load_base_model(recipe: Recipe, tokenizer=None):
     except (OSError, ValueError) as exc:
         hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
         raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}{hint}") from None
+    if compute_dtype(recipe) == torch.float32:
+        keep_float32_inference(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     if tokenizer is not None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def keep_float32_inference(model) -> int:
+    """Stop bitsandbytes from switching 4-bit layers to its bf16 CPU kernel at inference time; return the count.
+
+    On CPUs with AVX512-BF16, Linear4bit re-packs its weight on the first no-grad forward and rounds the quantization
+    constants to bf16, so evaluation would silently run in bf16 (and a later state_dict would differ from the loaded
+    base) even though the recipe asked for float32. qlora-kit keeps inference numerically identical to training.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------

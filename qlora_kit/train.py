@@ -29,6 +29,7 @@ VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "a
 class RunResult:
     run_dir: Path
     metrics: dict[str, Any]
+    model: Any = None  # the trained PeftModel, for callers in the same process
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -94,6 +95,20 @@ def _progress_callback():
     return LossLineProgress
 
 
+def keep_adapter_dtype(model, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Undo SFTTrainer's cast of LoRA weights to bf16 on a 4-bit model unless the compute dtype is bf16.
+
+    The cast follows the QLoRA paper for bf16 compute; with float32 compute (CPU) it would silently round the adapter
+    and run its matmuls in bf16, so the saved adapter would not reproduce the float32 model that was evaluated.
+    """
+    if dtype == torch.bfloat16:
+        return
+    for name, param in model.named_parameters():
+        original = adapter_weights.get(name)
+        if original is not None and param.dtype != original.dtype:
+            param.data = original
+
+
 def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.PreparedData, output_dir: Path):
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
@@ -109,6 +124,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
             return super().compute_loss(model, inputs, *args, **kwargs)
 
     config = sft_config(recipe, output_dir, prepared.eval is not None)
+    adapter_weights = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
     trainer = TokenCountingTrainer(
         model=model,
         args=config,
@@ -116,6 +132,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         eval_dataset=prepared.eval if config.eval_strategy != "no" else None,
         processing_class=tokenizer,
     )
+    keep_adapter_dtype(model, adapter_weights, model_stage.compute_dtype(recipe))
     if not config.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback())
@@ -212,7 +229,7 @@ def train(recipe: Recipe, run_dir: Path, force: bool = False, progress=None) -> 
         _write_outputs(trainer, tokenizer, recipe, staging, metrics)
         publish(staging, run_dir)
     show("done", {"run_dir": str(run_dir), **metrics})
-    return RunResult(run_dir=run_dir, metrics=metrics)
+    return RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
 
 def _compare(model, tokenizer, prepared, recipe: Recipe) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "models" / "demo-base"
+if os.environ.get("QLORA_KIT_TEST_DEMO_MODEL"):  # lets a rebuilt demo model be tested before it is committed
+    DEMO_MODEL = Path(os.environ["QLORA_KIT_TEST_DEMO_MODEL"])
 DEMO_DATA = REPO / "data" / "demo"
 
 # Set before any Hugging Face import, so nothing in the suite can reach the network.
