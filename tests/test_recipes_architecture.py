@@ -142,7 +142,8 @@ def test_recipe_resolves_against_its_architecture(path: Path):
 
 
 def test_a_wrong_target_module_fails():
-    recipe = load_recipe(RECIPE_DIR / "llama/llama-3.2-1b_alpaca-cleaned.yaml", ["lora.target_modules=[query_key_value]"])
+    overrides = ["lora.target_modules=[query_key_value]"]
+    recipe = load_recipe(RECIPE_DIR / "llama/llama-3.2-1b_alpaca-cleaned.yaml", overrides)
     with pytest.raises(UserError, match="lora.target_modules"):
         meta_lora(meta_model(architecture_config("llama-3.2-1b"), "sdpa"), recipe)
 
