@@ -62,15 +62,19 @@ def resume_checkpoint(staging: Path, resume: bool | str) -> Path:
     if resume is True:
         found = complete_checkpoints(staging)
         if not found:
-            raise UserError(f"--resume: no complete checkpoint in {staging} (the unfinished run's folder): start the "
-                            "run without --resume, or give --resume PATH to a checkpoint folder")
+            raise UserError(
+                f"--resume: no complete checkpoint in {staging} (the unfinished run's folder): start the "
+                "run without --resume, or give --resume PATH to a checkpoint folder"
+            )
         return found[-1]
     path = Path(resume).expanduser()
     if not path.is_dir():
         raise UserError(f"--resume: {path} is not a folder: give a checkpoint-N folder, or --resume alone")
     if not is_complete(path):
-        raise UserError(f"--resume: {path} is not a complete qlora-kit checkpoint (no {MARKER}, so its save was "
-                        "interrupted): give an earlier checkpoint, or --resume alone for the latest complete one")
+        raise UserError(
+            f"--resume: {path} is not a complete qlora-kit checkpoint (no {MARKER}, so its save was "
+            "interrupted): give an earlier checkpoint, or --resume alone for the latest complete one"
+        )
     return path
 
 

@@ -76,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = _console()
     if _is_main_process():
         console.rule(f"qlora-kit train · {args.recipe}")
-        console.print(f"model [bold]{recipe.model.name_or_path}[/bold] → run directory [bold]{recipe.output_dir}[/bold]")
+        model, run = recipe.model.name_or_path, recipe.output_dir
+        console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
     result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console),
                    resume=args.resume)
     return 0 if result.run_dir.exists() or not _is_main_process() else 1

@@ -121,8 +121,8 @@ def resolve_profile(choice: str) -> Path:
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
     raise UserError(
-        f"launch.accelerate_profile: unknown profile {choice!r}: use one of {', '.join(shipped_profiles())}, or a path "
-        "to an accelerate config .yaml"
+        f"launch.accelerate_profile: unknown profile {choice!r}: use one of {', '.join(shipped_profiles())}, or a "
+        "path to an accelerate config .yaml"
     )
 
 
@@ -236,21 +236,30 @@ def check_quant_storage(recipe: Recipe, plan: Plan) -> list[str]:
         )
     weights = str(weights_dtype(recipe)).removeprefix("torch.")
     if weights != compute:
-        problems.append(f"model.dtype: {mode} needs the unquantized weights in the compute dtype: set it to {compute} "
-                        f"or auto (it is {weights})")
+        problems.append(
+            f"model.dtype: {mode} needs the unquantized weights in the compute dtype: set it to {compute} "
+            f"or auto (it is {weights})"
+        )
     return problems
 
 
 def check_bf16(recipe: Recipe, hardware: Hardware) -> list[str]:
-    asked = [key for key, on in (
-        ("quantization.bnb_4bit_compute_dtype", recipe.quantization.bnb_4bit_compute_dtype == "bfloat16"),
-        ("model.dtype", recipe.model.dtype == "bfloat16"),
-        ("training.bf16", bool(recipe.training.get("bf16"))),
-    ) if on]
+    asked = [
+        key
+        for key, on in (
+            ("quantization.bnb_4bit_compute_dtype", recipe.quantization.bnb_4bit_compute_dtype == "bfloat16"),
+            ("model.dtype", recipe.model.dtype == "bfloat16"),
+            ("training.bf16", bool(recipe.training.get("bf16"))),
+        )
+        if on
+    ]
     if not asked or hardware.bf16_supported:
         return []
-    return [f"{key}: bfloat16 was asked but {hardware.name} has no bfloat16 support: use float16 (and training.fp16: "
-            "true) or float32" for key in asked]
+    return [
+        f"{key}: bfloat16 was asked but {hardware.name} has no bfloat16 support: use float16 (and training.fp16: "
+        "true) or float32"
+        for key in asked
+    ]
 
 
 def check_device_map(recipe: Recipe, plan: Plan) -> list[str]:
@@ -281,14 +290,18 @@ def check_packing(recipe: Recipe) -> list[str]:
     if not (args.get("packing") or args.get("padding_free")):
         return []
     if args.get("packing") and args.get("packing_strategy", "bfd") == "wrapped":
-        return ["training.packing_strategy: 'wrapped' cuts examples and lets them attend to each other: use bfd, "
-                "which keeps examples whole and marks their boundaries"]
+        return [
+            "training.packing_strategy: 'wrapped' cuts examples and lets them attend to each other: use bfd, "
+            "which keeps examples whole and marks their boundaries"
+        ]
     kernel = recipe.model.attn_implementation
     if kernel.startswith("flash_attention"):
         return []  # varlen kernels take the boundaries from position_ids / cu_seq_lens
     if not _masks_packed_sequences(recipe):
-        return [f"model.attn_implementation: {kernel} with this model's attention code cannot tell packed examples "
-                "apart, so they would attend to each other: use flash_attention_2, or set training.packing: false"]
+        return [
+            f"model.attn_implementation: {kernel} with this model's attention code cannot tell packed examples "
+            "apart, so they would attend to each other: use flash_attention_2, or set training.packing: false"
+        ]
     return []
 
 
@@ -302,8 +315,9 @@ def _masks_packed_sequences(recipe: Recipe) -> bool:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     try:
-        config = AutoConfig.from_pretrained(recipe.model.name_or_path, revision=recipe.model.revision,
-                                            trust_remote_code=recipe.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except (OSError, ValueError, KeyError):
         return False
@@ -315,8 +329,10 @@ def check_reporters(recipe: Recipe) -> list[str]:
     report_to = training_args(recipe).get("report_to") or []
     names = [report_to] if isinstance(report_to, str) else list(report_to)
     missing = [name for name in names if name in REPORTERS and importlib.util.find_spec(REPORTERS[name]) is None]
-    return [f"training.report_to: {name} is not installed: pip install {name}, or remove it (tensorboard works "
-            "offline)" for name in missing]
+    return [
+        f"training.report_to: {name} is not installed: pip install {name}, or remove it (tensorboard works offline)"
+        for name in missing
+    ]
 
 
 def preflight(recipe: Recipe, plan: Plan | None = None, hardware: Hardware | None = None) -> None:

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from qlora_kit import checkpoints
+from qlora_kit import checkpoints, launch
 from qlora_kit import data as data_stage
-from qlora_kit import launch
 from qlora_kit import model as model_stage
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import compare_base_and_tuned
@@ -59,8 +58,10 @@ def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Pa
     state = PartialState(cpu=not torch.cuda.is_available())
     checkpoint = checkpoints.resume_checkpoint(staging, resume) if resume else None
     if checkpoint is None and checkpoints.complete_checkpoints(staging) and not force:
-        raise UserError(f"{staging} holds checkpoints of an unfinished run: add --resume to continue it, or --force to "
-                        "discard them and start again")
+        raise UserError(
+            f"{staging} holds checkpoints of an unfinished run: add --resume to continue it, or --force to discard "
+            "them and start again"
+        )
     if state.is_main_process:
         if checkpoint is None and staging.exists():
             shutil.rmtree(staging)

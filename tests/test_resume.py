@@ -23,8 +23,14 @@ from .conftest import REPO, tiny_recipe
 
 # 36 training rows in batches of 8 make 5 steps an epoch, so 8 steps cross an epoch boundary (a reshuffle) and
 # checkpoints every 2 steps land both mid-epoch and in the second epoch. Dropout on, so RNG state matters too.
-STEPS = ["training.max_steps=8", "training.save_steps=2", "training.save_strategy=steps",
-         "training.save_total_limit=10", "lora.lora_dropout=0.1", "eval.num_samples=0"]
+STEPS = [
+    "training.max_steps=8",
+    "training.save_steps=2",
+    "training.save_strategy=steps",
+    "training.save_total_limit=10",
+    "lora.lora_dropout=0.1",
+    "eval.num_samples=0",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 
@@ -33,8 +39,9 @@ def command(recipe: Path, run: Path, *extra: str) -> list[str]:
 
 
 def run_cli(*args: str | Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600,
-                          **kwargs)
+    return subprocess.run(
+        [str(a) for a in args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600, **kwargs
+    )
 
 
 def staging(run: Path) -> Path:
