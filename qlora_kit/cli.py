@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qlora_kit.checkpoints import TrainingStopped
 from qlora_kit.errors import UserError
 
 
@@ -34,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
+    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
+                       help="continue an unfinished run from its latest checkpoint, or from the checkpoint at PATH")
+    train.add_argument("--accelerate-profile", metavar="NAME",
+                       help="launch under an accelerate profile: single_gpu, ddp, fsdp_qlora, zero3, multi_node "
+                       "(recipes/accelerate) or a config path; overrides launch.accelerate_profile")
     return parser
 
 
@@ -54,13 +60,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     from qlora_kit.recipe import load_recipe
     from qlora_kit.train import train
 
+    if isinstance(args.resume, str) and "=" in args.resume and not Path(args.resume).exists():
+        args.overrides, args.resume = [*args.overrides, args.resume], True  # `--resume key=value`: bare --resume
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir:
         recipe.output_dir = args.output_dir
+    if args.accelerate_profile:
+        recipe.launch.accelerate_profile = args.accelerate_profile
+    if recipe.launch.accelerate_profile:
+        from qlora_kit.launch import launch_profile
+
+        launched = launch_profile(recipe, args.argv)
+        if launched is not None:  # this process started the workers and waited for them
+            return launched
     console = _console()
-    console.rule(f"qlora-kit train · {args.recipe}")
-    console.print(f"model [bold]{recipe.model.name_or_path}[/bold] → run directory [bold]{recipe.output_dir}[/bold]")
-    result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console))
+    if _is_main_process():
+        console.rule(f"qlora-kit train · {args.recipe}")
+        model, run = recipe.model.name_or_path, recipe.output_dir
+        console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
+    result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console),
+                   resume=args.resume)
     return 0 if result.run_dir.exists() or not _is_main_process() else 1
 
 
@@ -93,6 +112,9 @@ class TrainProgress:
             f"model: {info['total']:,} parameters, {info['trainable']:,} trainable LoRA "
             f"({info['trainable'] / info['total']:.2%}), compute dtype {info['dtype']}"
         )
+
+    def on_resume(self, info: dict[str, Any]) -> None:
+        self.console.print(f"resuming from {info['checkpoint']} (optimizer, scheduler, RNG and data position)")
 
     def on_done(self, metrics: dict[str, Any]) -> None:
         from rich.table import Table
@@ -134,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to run the same command under accelerate launch
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return COMMANDS[args.command](args)
@@ -142,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingStopped as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

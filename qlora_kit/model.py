@@ -153,13 +153,11 @@ def quantization_config(recipe: Recipe):
     )
 
 
-def device_map() -> dict[str, Any] | str:
-    """Each process loads its whole model onto its own device; on CPU everything stays on the CPU."""
-    if torch.cuda.is_available():
-        from accelerate import PartialState
+def device_map(recipe: Recipe) -> dict[str, Any] | str | None:
+    """Each process loads its whole model onto its own device, unless FSDP/ZeRO-3 shard it (see launch.py)."""
+    from qlora_kit.launch import device_map_for
 
-        return {"": PartialState().local_process_index}
-    return {"": "cpu"}
+    return device_map_for(recipe)
 
 
 def load_base_model(recipe: Recipe, tokenizer=None):
@@ -172,7 +170,7 @@ def load_base_model(recipe: Recipe, tokenizer=None):
         quantization_config=quantization_config(recipe),
         dtype=weights_dtype(recipe),
         attn_implementation=recipe.model.attn_implementation,
-        device_map=device_map(),
+        device_map=device_map(recipe),
         use_safetensors=None if recipe.model.allow_pickle else True,
     )
     try:

@@ -141,6 +141,19 @@ class EvalSection(Section):
     max_examples: int = Field(256, gt=0, description="Most held-out examples used for the loss comparison.")
 
 
+class LaunchSection(Section):
+    accelerate_profile: str | None = Field(
+        None,
+        description="accelerate profile to launch with: a name shipped in recipes/accelerate (single_gpu, ddp, "
+        "fsdp_qlora, zero3, multi_node) or a path to an accelerate config YAML. --accelerate-profile overrides it.",
+    )
+    device_map: Literal["per_process", "auto", "balanced", "sequential"] = Field(
+        "per_process",
+        description="per_process: every process loads the whole model onto its own device (DDP, or one GPU); auto, "
+        "balanced, sequential: one process spreads the model over all visible GPUs (no DDP).",
+    )
+
+
 class Recipe(Section):
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -148,6 +161,7 @@ class Recipe(Section):
     data: DataSection
     training: dict[str, Any] = Field(default_factory=dict, description="Any field of trl's SFTConfig.")
     eval: EvalSection = Field(default_factory=EvalSection)
+    launch: LaunchSection = Field(default_factory=LaunchSection)
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe name>.")
 
 

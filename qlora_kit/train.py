@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit import checkpoints, launch
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit.errors import UserError
@@ -45,6 +46,32 @@ def check_run_dir(run_dir: Path, force: bool) -> None:
         raise UserError(f"output directory {run_dir} already exists: pass --force to replace it, or set --output-dir")
 
 
+def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Path | None:
+    """Make the staging folder ready and return the checkpoint to resume from, if any.
+
+    The staging folder of an unfinished run holds its checkpoints, so it is only cleared on a fresh start that has
+    nothing to lose, or with --force. Only the main process writes; the others wait for it.
+    """
+    from accelerate import PartialState
+
+    staging = staging_dir_for(run_dir)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    checkpoint = checkpoints.resume_checkpoint(staging, resume) if resume else None
+    if checkpoint is None and checkpoints.complete_checkpoints(staging) and not force:
+        raise UserError(
+            f"{staging} holds checkpoints of an unfinished run: add --resume to continue it, or --force to discard "
+            "them and start again"
+        )
+    if state.is_main_process:
+        if checkpoint is None and staging.exists():
+            shutil.rmtree(staging)
+        elif checkpoint is not None:
+            checkpoints.remove_incomplete(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    return checkpoint
+
+
 def publish(staging: Path, run_dir: Path) -> None:
     """Move a finished run into place; an old run (only with --force) is removed after the new one is in."""
     trash = run_dir.parent / f".{run_dir.name}.old"
@@ -69,6 +96,11 @@ def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool):
     dtype = model_stage.compute_dtype(recipe)
     args.setdefault("bf16", dtype == torch.bfloat16)
     args.setdefault("fp16", dtype == torch.float16)
+    # Without a GPU, several processes must still form one DDP group (gloo); Trainer only does that with use_cpu.
+    args.setdefault("use_cpu", not torch.cuda.is_available())
+    # Every LoRA weight takes part in every forward, so DDP need not search the graph for unused ones (slow, and it
+    # breaks with gradient checkpointing); FSDP/DeepSpeed ignore the flag.
+    args.setdefault("ddp_find_unused_parameters", False)
     if not has_eval:
         args["eval_strategy"] = "no"
     return SFTConfig(output_dir=str(output_dir), max_length=recipe.data.max_length, **args)
@@ -95,6 +127,16 @@ def _progress_callback():
     return LossLineProgress
 
 
+def throughput_since(trainer, loss_tokens: int) -> dict[str, float]:
+    """Trained tokens per second (all ranks) since the previous log, and peak memory of this process so far."""
+    tokens_then, time_then = trainer._last_log
+    now = time.perf_counter()
+    trainer._last_log = (loss_tokens, now)
+    world = max(trainer.args.world_size, 1)  # every rank trains on its own equal share of the global batch
+    rate = (loss_tokens - tokens_then) * world / (now - time_then) if now > time_then else 0.0
+    return {"tokens_per_second": round(rate, 2), "peak_memory_mib": round(peak_memory_bytes() / 2**20, 1)}
+
+
 def keep_adapter_dtype(model, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Undo SFTTrainer's cast of LoRA weights to bf16 on a 4-bit model unless the compute dtype is bf16.
 
@@ -113,15 +155,22 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
 
-    class TokenCountingTrainer(SFTTrainer):
-        """Counts the tokens that actually enter the loss (labels shifted by one, -100 excluded)."""
+    class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
+        """Counts the tokens that actually enter the loss (labels shifted by one, -100 excluded), logs throughput and
+        memory beside the loss, and writes checkpoints atomically."""
 
         loss_tokens = 0
+        _last_log = (0, time.perf_counter())
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             if self.model.training:
                 TokenCountingTrainer.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
             return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:
+                logs.update(throughput_since(self, TokenCountingTrainer.loss_tokens))
+            return super().log(logs, *args, **kwargs)
 
     config = sft_config(recipe, output_dir, prepared.eval is not None)
     adapter_weights = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
@@ -133,6 +182,11 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         processing_class=tokenizer,
     )
     keep_adapter_dtype(model, adapter_weights, model_stage.compute_dtype(recipe))
+    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        # Wrap LoRA layers on their own, so FSDP never flattens trainable and frozen weights into one tensor.
+        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     if not config.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback())
@@ -197,56 +251,97 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
 # The stage
 
 
-def train(recipe: Recipe, run_dir: Path, force: bool = False, progress=None) -> RunResult:
-    """Fine-tune the recipe's model and write a complete run directory at ``run_dir``."""
+def train(
+    recipe: Recipe, run_dir: Path, force: bool = False, progress=None, resume: bool | str | None = None
+) -> RunResult:
+    """Fine-tune the recipe's model and write a complete run directory at ``run_dir``.
+
+    Args:
+        recipe: The validated recipe.
+        run_dir: Where the finished run goes; it is built in a hidden staging folder beside it.
+        force: Replace an existing run directory, or discard an unfinished run's checkpoints.
+        progress: Called with (event, payload) at each milestone, for terminal output.
+        resume: True to continue from the latest complete checkpoint of the unfinished run, or a checkpoint path.
+    """
     from transformers import set_seed
 
     show = progress or (lambda *args, **kwargs: None)
+    plan = launch.plan_from_env()
+    launch.preflight(recipe, plan)  # before any weight is loaded
     check_run_dir(run_dir, force)
+    checkpoint = prepare_staging(run_dir, force, resume)
     staging = staging_dir_for(run_dir)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     set_seed(training_args(recipe)["seed"])
 
     tokenizer = model_stage.load_tokenizer(recipe)
+    launch.check_pad_token(tokenizer)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
     base = model_stage.load_base_model(recipe, tokenizer)
     model = model_stage.attach_lora(base, recipe)
     trainable, total = model.get_nb_trainable_parameters()
     show("model", {"trainable": trainable, "total": total, "dtype": str(model_stage.compute_dtype(recipe))})
+    if checkpoint is not None:
+        show("resume", {"checkpoint": str(checkpoint)})
 
     trainer = make_trainer(recipe, model, tokenizer, prepared, staging)
     started = time.perf_counter()
-    trainer.train()
+    _run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started
     metrics = training_metrics(trainer, runtime, type(trainer).loss_tokens)
     metrics["data"] = prepared.stats.as_dict()
+    metrics["launch"] = {"mode": plan.mode, "processes": trainer.args.world_size,
+                         "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None}
 
+    save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
     if trainer.is_world_process_zero():
-        metrics.update(_compare(model, tokenizer, prepared, recipe))
-        _write_outputs(trainer, tokenizer, recipe, staging, metrics)
+        metrics.update(_compare(model, tokenizer, prepared, recipe, plan))
+        _write_outputs(trainer, recipe, staging, metrics)
         publish(staging, run_dir)
+    trainer.accelerator.wait_for_everyone()
     show("done", {"run_dir": str(run_dir), **metrics})
     return RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
 
-def _compare(model, tokenizer, prepared, recipe: Recipe) -> dict[str, Any]:
+def _run_training(trainer, checkpoint: Path | None, staging: Path) -> None:
+    """Train (from the checkpoint when given); on SIGTERM/SIGINT save a checkpoint and raise TrainingStopped."""
+    stopper = checkpoints.stop_on_signal_callback(trainer)
+    trainer.add_callback(stopper)
+    trainer._last_log = (0, time.perf_counter())
+    with checkpoints.signals_stop(stopper):
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
+        saved = staging / f"checkpoint-{trainer.state.global_step}"
+        raise checkpoints.TrainingStopped(stopper.signum, trainer.state.global_step,
+                                          saved if checkpoints.is_complete(saved) else None)
+
+
+def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
+    """Write the one complete adapter; all ranks call this, only the main process writes files."""
+    fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        # Checkpoints stay sharded (fast); the adapter users load must be gathered from every rank.
+        fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(adapter_dir))
+        # training_args.bin is a pickle of every argument; the resolved recipe.yaml already records them, redacted.
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+
+
+def _compare(model, tokenizer, prepared, recipe: Recipe, plan: launch.Plan) -> dict[str, Any]:
     if prepared.eval is None and not prepared.eval_rows:
         return {}
+    if plan.sharded:
+        # The main process alone holds only its shard of the weights; the comparison needs the whole model.
+        return {"comparison_skipped": f"{plan.mode} shards the model; evaluate the saved adapter instead"}
     pairs = data_stage.eval_prompts(prepared.eval_rows, tokenizer, recipe.eval.num_samples)
     return {"comparison": compare_base_and_tuned(
         model, tokenizer, prepared.eval, pairs, recipe.eval.max_examples, recipe.eval.max_new_tokens
     )}
 
 
-def _write_outputs(trainer, tokenizer, recipe: Recipe, staging: Path, metrics: dict[str, Any]) -> None:
-    adapter_dir = staging / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    # training_args.bin is a pickle of every argument; the resolved recipe.yaml already records them, redacted.
-    (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+def _write_outputs(trainer, recipe: Recipe, staging: Path, metrics: dict[str, Any]) -> None:
     resolved = resolved_dict(recipe)
     # Record what "auto" became on this machine, so the run can be reproduced elsewhere.
     resolved["quantization"]["bnb_4bit_compute_dtype"] = str(model_stage.compute_dtype(recipe)).removeprefix("torch.")

@@ -1,0 +1,363 @@
+"""Launching: accelerate profiles, where each process puts its model, and the pre-flight checks.
+
+A run is one process (``qlora-kit train``) or several started by ``accelerate launch`` (DDP, FSDP, DeepSpeed). The
+distributed mode is read from the environment accelerate sets for its workers, or from the profile about to be
+launched, and every check here runs before any weight is loaded, so a wrong setting costs seconds, not a model load
+on eight GPUs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import Recipe, training_args
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+LAUNCHED_ENV = "QLORA_KIT_LAUNCHED"  # set by `qlora-kit train --accelerate-profile` in the processes it starts
+Mode = Literal["single", "ddp", "fsdp", "deepspeed"]
+SHARDED_MODES = ("fsdp", "deepspeed")
+REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the run is (or is about to be) distributed."""
+
+    mode: Mode = "single"
+    world_size: int = 1
+    zero_stage: int | None = None
+    source: str = "one process"
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded across processes (FSDP, or DeepSpeed ZeRO-3)."""
+        return self.mode == "fsdp" or (self.mode == "deepspeed" and self.zero_stage == 3)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What this machine offers: visible CUDA devices and whether they compute in bfloat16."""
+
+    cuda_devices: int
+    bf16_supported: bool
+    name: str
+
+
+def detect_hardware() -> Hardware:
+    if not torch.cuda.is_available():
+        return Hardware(cuda_devices=0, bf16_supported=True, name="cpu")  # torch runs bf16 on every CPU
+    return Hardware(torch.cuda.device_count(), torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Distributed mode: from the environment of a launched worker, or from a profile before launching.
+
+
+def _flag(env: dict[str, str], name: str) -> bool:
+    return env.get(name, "").lower() in ("1", "true", "yes")
+
+
+def plan_from_env(env: dict[str, str] | None = None) -> Plan:
+    """The mode accelerate/torchrun set up for this process (accelerate exports ACCELERATE_USE_FSDP and friends)."""
+    env = dict(os.environ if env is None else env)
+    world = int(env.get("WORLD_SIZE", "1"))
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        return Plan("fsdp", world, source="ACCELERATE_USE_FSDP=true")
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") else None
+        return Plan("deepspeed", world, stage, source="ACCELERATE_USE_DEEPSPEED=true")
+    if world > 1:
+        return Plan("ddp", world, source=f"WORLD_SIZE={world}")
+    return Plan()
+
+
+def plan_from_profile(profile: dict[str, Any], name: str, processes: int | None = None) -> Plan:
+    """The mode a profile will launch, with ``processes`` overriding its num_processes."""
+    world = processes or int(profile.get("num_processes", 1))
+    kind = str(profile.get("distributed_type", "NO")).upper()
+    if kind == "FSDP":
+        return Plan("fsdp", world, source=f"profile {name}")
+    if kind == "DEEPSPEED":
+        stage = (profile.get("deepspeed_config") or {}).get("zero_stage")
+        return Plan("deepspeed", world, int(stage) if stage is not None else None, source=f"profile {name}")
+    if kind.startswith("MULTI_") or world > 1:
+        return Plan("ddp", world, source=f"profile {name}")
+    return Plan(source=f"profile {name}")
+
+
+def is_launched(env: dict[str, str] | None = None) -> bool:
+    """Whether this process was started by accelerate launch or torchrun (so it must not launch again)."""
+    env = os.environ if env is None else env
+    return any(key in env for key in (LAUNCHED_ENV, "LOCAL_RANK", "ACCELERATE_MIXED_PRECISION"))
+
+
+def is_main_process(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return int(env.get("RANK", "0")) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profiles
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def resolve_profile(choice: str) -> Path:
+    """A profile shipped in recipes/accelerate by name, or an accelerate config file by path."""
+    if (PROFILE_DIR / f"{choice}.yaml").is_file():
+        return PROFILE_DIR / f"{choice}.yaml"
+    path = Path(choice).expanduser()
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    raise UserError(
+        f"launch.accelerate_profile: unknown profile {choice!r}: use one of {', '.join(shipped_profiles())}, or a "
+        "path to an accelerate config .yaml"
+    )
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """Read an accelerate config with accelerate's own loader, so a profile that accelerate rejects fails here."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    try:
+        load_config_from_file(str(path))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"accelerate profile {path} is not a valid accelerate config: {exc}") from None
+    return yaml.safe_load(path.read_text())
+
+
+def launch_processes(profile: dict[str, Any], hardware: Hardware) -> int | None:
+    """Processes to start on this machine: one per visible GPU for a single-machine multi-GPU profile."""
+    multi = str(profile.get("distributed_type", "NO")).upper() != "NO"
+    if multi and hardware.cuda_devices > 0 and int(profile.get("num_machines", 1)) == 1:
+        return hardware.cuda_devices
+    return None
+
+
+def relaunch_command(profile_path: Path, argv: list[str], processes: int | None) -> list[str]:
+    """The `accelerate launch` command that runs this same `qlora-kit` command line under the profile."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(profile_path)]
+    if processes:
+        command += ["--num_processes", str(processes)]
+    return [*command, "-m", "qlora_kit", *argv]
+
+
+def launch_profile(recipe: Recipe, argv: list[str]) -> int | None:
+    """Run this command under the recipe's accelerate profile; return the launch's exit status.
+
+    Returns None when this process is itself a launched worker: it then only checks that it runs the profile's mode.
+    """
+    import signal
+    import subprocess
+
+    path = resolve_profile(recipe.launch.accelerate_profile)
+    profile = load_profile(path)
+    if is_launched():
+        check_profile_matches(profile, path.name, plan_from_env())
+        return None
+    hardware = detect_hardware()
+    processes = launch_processes(profile, hardware)
+    preflight(recipe, plan_from_profile(profile, path.name, processes), hardware)  # fail here, not in N workers
+    env = {**os.environ, LAUNCHED_ENV: str(path)}
+    child = subprocess.Popen(relaunch_command(path, argv, processes), env=env)
+    # SIGTERM (a scheduler stopping the job) goes on to the launcher, which passes it to every worker; SIGINT from a
+    # terminal already reaches them all as one process group.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
+    try:
+        return child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_profile_matches(profile: dict[str, Any], name: str, running: Plan) -> None:
+    """A process launched by hand must run the mode the recipe's profile names, or the checks were for nothing."""
+    planned = plan_from_profile(profile, name)
+    if planned.mode != running.mode:
+        raise UserError(
+            f"launch.accelerate_profile: {name} is {planned.mode} but this process runs {running.mode} "
+            f"({running.source}): launch with `accelerate launch --config_file {name} -m qlora_kit train ...`, or "
+            "run `qlora-kit train` without accelerate launch and it will launch the profile itself"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placement
+
+
+def device_map_for(recipe: Recipe, plan: Plan | None = None) -> dict[str, Any] | str | None:
+    """Where this process loads the model.
+
+    FSDP and ZeRO-3 shard the model themselves, so from_pretrained gets no device_map (bitsandbytes then quantizes
+    onto this process's current CUDA device). DDP and single-device runs put the whole model on this process's own
+    device; 'auto' and friends spread one model over every visible GPU, for one process only.
+    """
+    plan = plan or plan_from_env()
+    if plan.sharded:
+        return None
+    if recipe.launch.device_map != "per_process":
+        return recipe.launch.device_map
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        return {"": PartialState().local_process_index}
+    return {"": "cpu"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-flight checks: each returns the problems it finds, every message says what to change.
+
+
+def check_quant_storage(recipe: Recipe, plan: Plan) -> list[str]:
+    """FSDP and ZeRO-3 flatten 4-bit and ordinary weights together, which needs one storage dtype for all."""
+    from qlora_kit.model import compute_dtype, weights_dtype
+
+    quant = recipe.quantization
+    if not (plan.sharded and quant.load_in_4bit):
+        return []
+    mode = "FSDP" if plan.mode == "fsdp" else "DeepSpeed ZeRO-3"
+    compute = str(compute_dtype(recipe)).removeprefix("torch.")
+    problems = []
+    if quant.bnb_4bit_quant_storage != compute:
+        problems.append(
+            f"quantization.bnb_4bit_quant_storage: {mode} ({plan.source}) shards the packed 4-bit weights together "
+            f"with the other weights, so their storage dtype must be the compute dtype: set it to {compute} "
+            f"(it is {quant.bnb_4bit_quant_storage})"
+        )
+    weights = str(weights_dtype(recipe)).removeprefix("torch.")
+    if weights != compute:
+        problems.append(
+            f"model.dtype: {mode} needs the unquantized weights in the compute dtype: set it to {compute} "
+            f"or auto (it is {weights})"
+        )
+    return problems
+
+
+def check_bf16(recipe: Recipe, hardware: Hardware) -> list[str]:
+    asked = [
+        key
+        for key, on in (
+            ("quantization.bnb_4bit_compute_dtype", recipe.quantization.bnb_4bit_compute_dtype == "bfloat16"),
+            ("model.dtype", recipe.model.dtype == "bfloat16"),
+            ("training.bf16", bool(recipe.training.get("bf16"))),
+        )
+        if on
+    ]
+    if not asked or hardware.bf16_supported:
+        return []
+    return [
+        f"{key}: bfloat16 was asked but {hardware.name} has no bfloat16 support: use float16 (and training.fp16: "
+        "true) or float32"
+        for key in asked
+    ]
+
+
+def check_device_map(recipe: Recipe, plan: Plan) -> list[str]:
+    spread = recipe.launch.device_map
+    if spread == "per_process" or plan.mode == "single":
+        return []
+    return [
+        f"launch.device_map: {spread} spreads one model over every GPU, but this run has {plan.world_size} processes "
+        f"({plan.mode}, {plan.source}) that each need their own copy: remove launch.device_map (each process then "
+        "loads the model onto its own GPU), or launch one process; for a model too big for one GPU use the "
+        "fsdp_qlora or zero3 profile"
+    ]
+
+
+def check_idle_gpus(recipe: Recipe, plan: Plan, hardware: Hardware) -> list[str]:
+    if hardware.cuda_devices < 2 or plan.world_size > 1 or recipe.launch.device_map != "per_process":
+        return []
+    return [
+        f"launch: {hardware.cuda_devices} GPUs are visible but this is one process, so {hardware.cuda_devices - 1} "
+        "would sit idle: add --accelerate-profile ddp (one process per GPU), or set CUDA_VISIBLE_DEVICES to one GPU, "
+        "or set launch.device_map: auto to spread one model over them"
+    ]
+
+
+def check_packing(recipe: Recipe) -> list[str]:
+    """Packed examples must not attend to each other: bfd packing plus a kernel that reads sequence boundaries."""
+    args = training_args(recipe)
+    if not (args.get("packing") or args.get("padding_free")):
+        return []
+    if args.get("packing") and args.get("packing_strategy", "bfd") == "wrapped":
+        return [
+            "training.packing_strategy: 'wrapped' cuts examples and lets them attend to each other: use bfd, "
+            "which keeps examples whole and marks their boundaries"
+        ]
+    kernel = recipe.model.attn_implementation
+    if kernel.startswith("flash_attention"):
+        return []  # varlen kernels take the boundaries from position_ids / cu_seq_lens
+    if not _masks_packed_sequences(recipe):
+        return [
+            f"model.attn_implementation: {kernel} with this model's attention code cannot tell packed examples "
+            "apart, so they would attend to each other: use flash_attention_2, or set training.packing: false"
+        ]
+    return []
+
+
+def _masks_packed_sequences(recipe: Recipe) -> bool:
+    """Whether the model's code builds its mask with transformers' masking utils, which split packed sequences.
+
+    Only the config is read (no weights): the model class comes from the config, and masking_utils'
+    create_causal_mask derives per-example blocks from position_ids when no attention mask is passed.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return False
+    module = sys.modules[model_class.__module__]
+    return any(hasattr(module, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask"))
+
+
+def check_reporters(recipe: Recipe) -> list[str]:
+    report_to = training_args(recipe).get("report_to") or []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    missing = [name for name in names if name in REPORTERS and importlib.util.find_spec(REPORTERS[name]) is None]
+    return [
+        f"training.report_to: {name} is not installed: pip install {name}, or remove it (tensorboard works offline)"
+        for name in missing
+    ]
+
+
+def preflight(recipe: Recipe, plan: Plan | None = None, hardware: Hardware | None = None) -> None:
+    """Every check that needs no weights; raise one UserError listing all problems found."""
+    plan = plan or plan_from_env()
+    hardware = hardware or detect_hardware()
+    problems = [
+        *check_quant_storage(recipe, plan),
+        *check_bf16(recipe, hardware),
+        *check_device_map(recipe, plan),
+        *check_idle_gpus(recipe, plan, hardware),
+        *check_packing(recipe),
+        *check_reporters(recipe),
+    ]
+    if problems:
+        count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
+        raise UserError(f"pre-flight check found {count}: " + "; ".join(problems))
+
+
+def check_pad_token(tokenizer) -> None:
+    """Padding masked out of the loss must not be EOS, or the model never learns to stop (runs after the tokenizer
+    loads, before the model does)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise UserError(
+            f"pre-flight check: the pad token {tokenizer.pad_token!r} is the EOS token, so masking padding would mask "
+            "every EOS: give the tokenizer a distinct pad token (model.tokenizer_name_or_path), or leave it unset "
+            "and qlora-kit picks one"
+        )

@@ -1,0 +1,371 @@
+"""Launching: the shipped accelerate profiles, each pre-flight check on its own, placement, and real DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from qlora_kit import launch
+from qlora_kit.cli import main
+from qlora_kit.errors import UserError
+from qlora_kit.launch import Hardware, Plan
+from qlora_kit.recipe import load_recipe, validate
+
+from .conftest import REPO, tiny_recipe
+
+CPU = Hardware(cuda_devices=0, bf16_supported=True, name="cpu")
+T4 = Hardware(cuda_devices=1, bf16_supported=False, name="Tesla T4")
+FOUR_GPUS = Hardware(cuda_devices=4, bf16_supported=True, name="NVIDIA H100")
+FSDP = Plan("fsdp", 8, source="ACCELERATE_USE_FSDP=true")
+DDP = Plan("ddp", 2, source="WORLD_SIZE=2")
+
+
+def make_recipe(**sections):
+    raw = {"model": {"name_or_path": "some/model"}, "data": {"train": [{"path": "train.jsonl"}]}}
+    for key, value in sections.items():
+        raw[key] = value
+    return validate(raw)
+
+
+def problems(recipe, plan=Plan(), hardware=CPU) -> str:
+    with pytest.raises(UserError) as info:
+        launch.preflight(recipe, plan, hardware)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profiles
+
+
+PROFILE_TYPES = {
+    "single_gpu": "NO",
+    "ddp": "MULTI_GPU",
+    "fsdp_qlora": "FSDP",
+    "zero3": "DEEPSPEED",
+    "multi_node": "MULTI_GPU",
+}
+
+
+def test_every_shipped_profile_is_a_valid_accelerate_config_and_documents_its_command():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    paths = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
+    assert {p.stem for p in paths} == set(PROFILE_TYPES)
+    for path in paths:
+        config = load_config_from_file(str(path))  # accelerate's own parser and validation
+        assert str(config.distributed_type).split(".")[-1] == PROFILE_TYPES[path.stem], path.name
+        header = path.read_text().split("\ncompute_environment")[0]
+        assert f"recipes/accelerate/{path.name}" in header or f"--accelerate-profile {path.stem}" in header, path.name
+        assert launch.resolve_profile(path.stem) == path.resolve()
+
+
+def test_sharded_profiles_carry_the_settings_qlora_needs():
+    fsdp = launch.load_profile(launch.resolve_profile("fsdp_qlora"))["fsdp_config"]
+    # Frozen 4-bit and trainable LoRA weights live in separate FSDP units only with these settings (peft's recipe).
+    assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
+    assert fsdp["fsdp_sync_module_states"] is True and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    zero = launch.load_profile(launch.resolve_profile("zero3"))["deepspeed_config"]
+    assert zero["zero_stage"] == 3 and zero["zero3_save_16bit_model"] is True  # the adapter is gathered on save
+    multi = launch.load_profile(launch.resolve_profile("multi_node"))
+    assert multi["num_machines"] == 2 and multi["main_process_ip"] and multi["main_process_port"]
+
+
+def test_profiles_map_to_the_distributed_mode():
+    modes = {
+        name: launch.plan_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
+        for name in PROFILE_TYPES
+    }
+    assert {name: plan.mode for name, plan in modes.items()} == {
+        "single_gpu": "single",
+        "ddp": "ddp",
+        "fsdp_qlora": "fsdp",
+        "zero3": "deepspeed",
+        "multi_node": "ddp",
+    }
+    assert modes["fsdp_qlora"].sharded and modes["zero3"].sharded and not modes["ddp"].sharded
+    assert modes["multi_node"].world_size == 16
+
+
+def test_unknown_profile_names_the_shipped_ones():
+    with pytest.raises(UserError, match="launch.accelerate_profile: unknown profile 'fsdp'.*fsdp_qlora"):
+        launch.resolve_profile("fsdp")
+
+
+def test_relaunch_runs_the_same_command_under_accelerate():
+    profile = launch.load_profile(launch.resolve_profile("ddp"))
+    assert launch.launch_processes(profile, FOUR_GPUS) == 4  # one process per visible GPU
+    assert launch.launch_processes(profile, CPU) is None  # the profile's own num_processes
+    command = launch.relaunch_command(Path("p.yaml"), ["train", "r.yaml", "--accelerate-profile", "ddp"], 4)
+    assert command[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "p.yaml",
+        "--num_processes",
+        "4",
+        "-m",
+        "qlora_kit",
+        "train",
+        "r.yaml",
+        "--accelerate-profile",
+        "ddp",
+    ]
+
+
+def test_a_worker_launched_by_hand_must_run_the_profiles_mode():
+    profile = launch.load_profile(launch.resolve_profile("fsdp_qlora"))
+    launch.check_profile_matches(profile, "fsdp_qlora.yaml", launch.plan_from_env({"ACCELERATE_USE_FSDP": "true"}))
+    with pytest.raises(UserError, match="fsdp_qlora.yaml is fsdp but this process runs ddp"):
+        launch.check_profile_matches(profile, "fsdp_qlora.yaml", launch.plan_from_env({"WORLD_SIZE": "2"}))
+
+
+def test_mode_is_read_from_the_environment_accelerate_sets():
+    assert launch.plan_from_env({}) == Plan()
+    assert launch.plan_from_env({"WORLD_SIZE": "4"}).mode == "ddp"
+    assert launch.plan_from_env({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}).sharded
+    zero2 = launch.plan_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    zero3 = launch.plan_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert zero2.mode == zero3.mode == "deepspeed" and not zero2.sharded and zero3.sharded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-flight checks, one by one
+
+
+def test_fsdp_needs_quant_storage_equal_to_compute_dtype():
+    wrong = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"})
+    message = problems(wrong, FSDP)
+    assert "quantization.bnb_4bit_quant_storage" in message and "set it to bfloat16 (it is uint8)" in message
+    assert "ACCELERATE_USE_FSDP=true" in message
+    right = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
+    launch.preflight(right, FSDP, CPU)
+    launch.preflight(wrong, DDP, CPU)  # DDP keeps whole models per process: any storage dtype works
+
+
+def test_shipped_fsdp_and_zero3_profiles_pass_with_a_recipe_set_up_for_them():
+    right = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
+    wrong = make_recipe(
+        quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "float32"},
+        model={"name_or_path": "some/model", "dtype": "float32"},
+    )
+    for name in ("fsdp_qlora", "zero3"):
+        plan = launch.plan_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
+        launch.preflight(right, plan, FOUR_GPUS)
+        message = problems(wrong, plan, FOUR_GPUS)
+        assert "2 problems" in message and "model.dtype" in message and f"profile {name}" in message
+
+
+def test_bf16_on_hardware_without_it():
+    recipe = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"}, training={"bf16": True})
+    message = problems(recipe, hardware=T4)
+    assert "quantization.bnb_4bit_compute_dtype: bfloat16 was asked but Tesla T4 has no bfloat16" in message
+    assert "training.bf16" in message and "float16" in message
+    launch.preflight(recipe, Plan(), launch.detect_hardware())  # this machine (CPU) runs bfloat16
+    launch.preflight(make_recipe(), Plan(), T4)  # auto picks float16/float32 there, nothing to complain about
+
+
+def test_ddp_with_a_device_map_that_spans_devices():
+    spread = make_recipe(launch={"device_map": "auto"})
+    message = problems(spread, DDP, FOUR_GPUS)
+    assert "launch.device_map: auto spreads one model over every GPU" in message and "2 processes" in message
+    launch.preflight(spread, Plan(), FOUR_GPUS)  # one process spreading the model: naive model parallel is fine
+    launch.preflight(make_recipe(), DDP, FOUR_GPUS)
+
+
+def test_several_gpus_visible_but_one_process():
+    message = problems(make_recipe(), Plan(), FOUR_GPUS)
+    assert "4 GPUs are visible but this is one process" in message and "--accelerate-profile ddp" in message
+    launch.preflight(make_recipe(), Plan("ddp", 4), FOUR_GPUS)
+
+
+def test_pad_token_equal_to_eos(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from qlora_kit import model as model_stage
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.pad_token = tokenizer.eos_token
+    with pytest.raises(UserError, match="pad token '<\\|endoftext\\|>' is the EOS token.*distinct pad token"):
+        launch.check_pad_token(tokenizer)
+    recipe = make_recipe(model={"name_or_path": str(tiny_model_dir)})
+    launch.check_pad_token(model_stage.load_tokenizer(recipe))  # qlora-kit's loader always picks another pad token
+
+
+def test_packing_needs_attention_that_keeps_examples_apart(tiny_model_dir, tmp_path):
+    wrapped = make_recipe(
+        model={"name_or_path": str(tiny_model_dir)}, training={"packing": True, "packing_strategy": "wrapped"}
+    )
+    assert "training.packing_strategy: 'wrapped' cuts examples" in problems(wrapped)
+    llama = make_recipe(model={"name_or_path": str(tiny_model_dir)}, training={"packing": True})
+    launch.preflight(llama, Plan(), CPU)  # sdpa + Llama: masks are built per example from position_ids
+    # A model whose attention code ignores position_ids when masking (no create_causal_mask): only a config is
+    # needed, since the check reads no weights.
+    from transformers import MambaConfig
+
+    MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1).save_pretrained(tmp_path)
+    mamba = make_recipe(
+        model={"name_or_path": str(tmp_path), "attn_implementation": "sdpa"}, training={"padding_free": True}
+    )
+    assert "model.attn_implementation: sdpa with this model's attention code cannot tell packed" in problems(mamba)
+    flash = make_recipe(
+        model={"name_or_path": str(tmp_path), "attn_implementation": "flash_attention_2"}, training={"packing": True}
+    )
+    launch.preflight(flash, Plan(), CPU)
+    launch.preflight(make_recipe(model={"name_or_path": str(tmp_path)}), Plan(), CPU)  # no packing, no check
+
+
+def test_reporting_backends_must_be_installed():
+    import importlib.util
+
+    for name in ("wandb", "mlflow"):
+        recipe = make_recipe(training={"report_to": ["tensorboard", name]})
+        if importlib.util.find_spec(name) is None:
+            assert f"training.report_to: {name} is not installed: pip install {name}" in problems(recipe)
+        else:
+            launch.preflight(recipe, Plan(), CPU)
+    launch.preflight(make_recipe(training={"report_to": "tensorboard"}), Plan(), CPU)
+
+
+def test_all_problems_are_reported_at_once():
+    recipe = make_recipe(
+        quantization={"bnb_4bit_compute_dtype": "bfloat16"},
+        launch={"device_map": "auto"},
+        training={"packing": True, "packing_strategy": "wrapped"},
+    )
+    message = problems(recipe, FSDP, Hardware(8, False, "Tesla V100"))
+    assert message.startswith("pre-flight check found 4 problems")
+
+
+def test_checks_run_before_any_weight_is_loaded(tiny_model_dir, arithmetic_rows, tmp_path, monkeypatch, capsys):
+    # A model folder with a config and tokenizer but no weights: the check's error, not a load error, proves it ran
+    # first. The environment is what `accelerate launch` sets for an FSDP worker.
+    config_only = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors"))
+    recipe = tiny_recipe(tmp_path, config_only, arithmetic_rows)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert (
+        main(
+            [
+                "train",
+                str(recipe),
+                "--output-dir",
+                str(tmp_path / "run"),
+                "quantization.bnb_4bit_compute_dtype=bfloat16",
+            ]
+        )
+        == 2
+    )
+    error = capsys.readouterr().err
+    assert "error: pre-flight check found a problem: quantization.bnb_4bit_quant_storage" in error
+    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Placement and trainer settings
+
+
+def test_device_map_follows_the_distributed_mode():
+    recipe = make_recipe()
+    assert launch.device_map_for(recipe, FSDP) is None  # FSDP/ZeRO-3 place the shards themselves
+    assert launch.device_map_for(recipe, Plan("deepspeed", 2, 3)) is None
+    assert launch.device_map_for(recipe, DDP) == {"": "cpu"}  # this machine; {"": local_rank} on GPUs
+    assert launch.device_map_for(make_recipe(launch={"device_map": "balanced"}), Plan()) == "balanced"
+
+
+def test_trainer_settings_for_peft_under_ddp(tmp_path):
+    from qlora_kit.train import sft_config
+
+    config = sft_config(make_recipe(), tmp_path, has_eval=False)
+    assert config.ddp_find_unused_parameters is False  # every LoRA weight is used; the search breaks checkpointing
+    assert config.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert config.use_cpu is (not torch.cuda.is_available())  # CPU processes form a gloo DDP group
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Real DDP: two CPU processes over gloo, through the shipped ddp profile
+
+
+def _losses(run: Path) -> list[float]:
+    state = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def test_ddp_on_two_cpu_processes_matches_one_process(tiny_model_dir, arithmetic_rows, tmp_path):
+    recipe = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        arithmetic_rows,
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        report_to="tensorboard",
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    base = [sys.executable, "-m", "qlora_kit", "train", str(recipe), "eval.num_samples=1"]
+    # The same global batch of 4: two processes x 2 examples, against one process x 4.
+    ddp = subprocess.run(
+        [
+            *base,
+            "--output-dir",
+            str(tmp_path / "ddp"),
+            "--accelerate-profile",
+            "ddp",
+            "training.per_device_train_batch_size=2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = subprocess.run(
+        [*base, "--output-dir", str(tmp_path / "one"), "training.per_device_train_batch_size=4"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["launch"] == {"mode": "ddp", "processes": 2, "resumed_from": None} and metrics["steps"] == 4
+    # Both ranks trained: each wrote its own RNG state into the checkpoint; only one wrote the run directory.
+    assert {p.name for p in (tmp_path / "ddp" / "checkpoint-4").glob("rng_state*")} == {
+        "rng_state_0.pth",
+        "rng_state_1.pth",
+    }
+    assert ddp.stdout.count("adapter: ") == 1 and not list(tmp_path.glob(".ddp*"))
+    torch.testing.assert_close(_losses(tmp_path / "ddp"), _losses(tmp_path / "one"), rtol=1e-5, atol=0)
+    adapter_ddp = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    adapter_one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert adapter_ddp.keys() == adapter_one.keys() and len(adapter_ddp) == 2 * 7 * 2  # complete: every layer
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_ddp[name], adapter_one[name], rtol=0, atol=1e-5)
+    # Throughput and memory are logged with every loss, and TensorBoard (the default) wrote its events offline.
+    logged = [
+        e
+        for e in json.loads((tmp_path / "ddp" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        if "loss" in e
+    ]
+    assert all(e["tokens_per_second"] > 0 and e["peak_memory_mib"] > 0 for e in logged)
+    assert list((tmp_path / "ddp" / "runs").rglob("events.out.tfevents.*"))
+
+
+def test_recipe_names_the_profile(tmp_path, tiny_model_dir, arithmetic_rows):
+    raw = yaml.safe_load(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows).read_text())
+    raw["launch"] = {"accelerate_profile": "zero3"}
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(raw))
+    assert load_recipe(tmp_path / "zero3.yaml").launch.accelerate_profile == "zero3"
+    with pytest.raises(UserError, match="launch.device_map"):
+        validate({**raw, "launch": {"device_map": "everywhere"}})
