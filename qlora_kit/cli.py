@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
+
+    data = commands.add_parser("data", help="prepare the data; show rendered examples with trained tokens and statistics")
+    _add_recipe_args(data)
+    data.add_argument("--examples", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
+    data.add_argument("--plain", action="store_true", help="mark trained tokens with [[...]] instead of colour")
     return parser
 
 
@@ -62,6 +67,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"model [bold]{recipe.model.name_or_path}[/bold] → run directory [bold]{recipe.output_dir}[/bold]")
     result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console))
     return 0 if result.run_dir.exists() or not _is_main_process() else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from qlora_kit.data import build_datasets, preview
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.recipe import load_recipe, training_args
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = _console()
+    plain = args.plain or not console.is_terminal
+    tokenizer = load_tokenizer(recipe)
+    prepared = build_datasets(recipe, tokenizer, show_progress=console.is_terminal)
+    preview.show_examples(console, tokenizer, prepared, args.examples, plain)
+    training = training_args(recipe)
+    preview.show_stats(console, prepared, recipe.data.max_length, training["per_device_train_batch_size"],
+                       training.get("packing_strategy", "bfd"), bool(training.get("packing")))
+    return 0
 
 
 def _is_main_process() -> bool:
@@ -122,7 +144,7 @@ class TrainProgress:
         console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train}
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:
