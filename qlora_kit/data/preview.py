@@ -55,7 +55,7 @@ def show_examples(console, tokenizer, prepared: PreparedData, count: int, plain:
 def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing: dict[str, Any] | None) -> list:
     """(name, value) rows of the statistics table."""
     stats = prepared.stats
-    rows = [(f"rows: {path}", f"{stats.rows[path]:,} read, {stats.used.get(path, 0):,} used · "
+    rows = [(f"rows: {_short(path)}", f"{stats.rows[path]:,} read, {stats.used.get(path, 0):,} used · "
              f"{stats.detected.get(path, stats.formats.get(path, ''))}") for path in stats.rows]
     rows.append(("held-out rows", f"{stats.eval_rows:,}"))
     if stats.skipped:
@@ -78,12 +78,16 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
     return rows
 
 
+def _short(path: str, width: int = 36) -> str:
+    return path if len(path) <= width else "…" + path[-(width - 1) :]
+
+
 def show_stats(console, prepared: PreparedData, max_length: int, batch_size: int, strategy: str, packing_on: bool):
     from rich.table import Table
 
     packing = prepared.stats.packing or packing_stats(prepared.train, max_length, strategy)
     table = Table(title="data statistics", show_header=False, title_justify="left")
-    table.add_column("what", style="bold")
+    table.add_column("what", style="bold", overflow="fold")
     table.add_column("value", overflow="fold")
     for name, value in stats_rows(prepared, max_length, batch_size, packing):
         if name == "packing efficiency" and not packing_on:
