@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
 
-    data = commands.add_parser("data", help="prepare the data; show rendered examples with trained tokens and statistics")
+    data = commands.add_parser("data", help="prepare the data; show examples with the trained tokens, and statistics")
     _add_recipe_args(data)
     data.add_argument("--examples", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
     data.add_argument("--plain", action="store_true", help="mark trained tokens with [[...]] instead of colour")
@@ -107,7 +107,8 @@ class TrainProgress:
         self.console.print(
             f"data: {rows} rows ({', '.join(f'{k}: {v}' for k, v in stats['formats'].items())}), "
             f"{stats['tokens']:,} tokens, {share:.0%} trained on; truncated {stats['truncated']}, "
-            f"dropped {stats['dropped_too_long'] + stats['dropped_no_target']}"
+            f"dropped {stats['dropped_too_long'] + stats['dropped_no_target']}; cache {stats.get('cache', 'off')}"
+            + (f"; packing efficiency {stats['packing']['efficiency']:.0%}" if stats.get("packing") else "")
         )
 
     def on_model(self, info: dict[str, Any]) -> None:

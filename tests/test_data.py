@@ -228,7 +228,8 @@ def test_template_with_generation_markers_gives_the_same_masks(template_tokenize
         "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif -%}{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
     )
-    assert encode(template_tokenizer, CONVERSATION, "messages") == expected_tokens(template_tokenizer, EXPECTED["chatml"])
+    expected = expected_tokens(template_tokenizer, EXPECTED["chatml"])
+    assert encode(template_tokenizer, CONVERSATION, "messages") == expected
 
 
 def test_template_that_breaks_the_prefix_property_still_trains_end_of_turn(template_tokenizer):
@@ -265,9 +266,9 @@ def test_mistral_template_rejects_non_alternating_roles_as_a_row_error(template_
 
 
 def test_sharegpt_renders_like_messages(demo_tokenizer):
-    sharegpt = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is 2 plus 3?"},
-                                  {"from": "gpt", "value": "5"}, {"from": "human", "value": "And 4 plus 4?"},
-                                  {"from": "gpt", "value": "8"}]}
+    turns = [("system", "Be brief."), ("human", "What is 2 plus 3?"), ("gpt", "5"), ("human", "And 4 plus 4?"),
+             ("gpt", "8")]
+    sharegpt = {"conversations": [{"from": who, "value": text} for who, text in turns]}
     assert encode(demo_tokenizer, sharegpt, "sharegpt") == encode(demo_tokenizer, CONVERSATION, "messages")
     assert data.detect_format([data.Row(sharegpt, "r")], "auto", "x") == "sharegpt"
 

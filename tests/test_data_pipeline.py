@@ -90,7 +90,8 @@ def test_dedupe_drops_repeats_and_training_copies_of_held_out_rows(tmp_path, tin
 # The cache
 
 
-def test_cache_hits_when_nothing_changed_and_misses_on_template_or_data_bytes(tmp_path, tiny_model_dir, demo_tokenizer):
+def test_cache_hits_when_nothing_changed_and_misses_on_template_or_data_bytes(tmp_path, tiny_model_dir,
+                                                                                demo_tokenizer):
     from qlora_kit.model import load_tokenizer
 
     path = write_jsonl(tmp_path / "train.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
@@ -262,7 +263,8 @@ def test_cli_data_colours_trained_tokens_on_a_terminal(tmp_path, tiny_model_dir,
     ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": ',
      "train.jsonl line 2: not valid JSON"),
     ('{"prompt": "a"}\n', "train.jsonl line 1: missing column 'completion' that format 'prompt_completion' needs"),
-    ('{"messages": [{"role": "robot", "content": "a"}]}\n', "train.jsonl line 1: messages[0] has unknown role 'robot'"),
+    ('{"messages": [{"role": "robot", "content": "a"}]}\n',
+     "train.jsonl line 1: messages[0] has unknown role 'robot'"),
     ('{"messages": []}\n', "train.jsonl line 1: 'messages' must be a non-empty list"),
     ("\n\n", "train.jsonl has no rows"),
 ])
@@ -282,3 +284,13 @@ def test_cli_data_skips_bad_rows_when_allowed(tmp_path, tiny_model_dir, capsys):
     recipe = write_recipe(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "train.jsonl", rows), max_bad_rows=1)
     assert cli.main(["data", recipe, "--plain"]) == 0
     assert "bad rows skipped" in (out := capsys.readouterr().out) and "unknown role: 1" in out
+
+
+def test_recipes_in_the_data_docs_are_valid():
+    from .conftest import REPO
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "data.md").read_text(), re.S)
+    assert blocks
+    for block in blocks:
+        recipe = validate(yaml.safe_load(block))
+        assert recipe.data.train[0].weight == 3 and recipe.data.train[1].columns == {"messages": "conversation"}

@@ -50,7 +50,8 @@ class DataStats:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataStats:
         counters = {"rows", "used", "skipped"}
-        return cls(**{k: Counter(v) if k in counters else v for k, v in values.items() if k in cls.__dataclass_fields__})
+        known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
+        return cls(**{k: Counter(v) if k in counters else v for k, v in known.items()})
 
 
 @dataclass
@@ -65,7 +66,9 @@ class PreparedData:
 # Rows: read, check, dedupe, hold out, mix
 
 
-def read_formatted(source: DataSource, label: str, bad: BadRows | None = None, stats: DataStats | None = None) -> list[Row]:
+def read_formatted(
+    source: DataSource, label: str, bad: BadRows | None = None, stats: DataStats | None = None
+) -> list[Row]:
     """Read a source and bring its rows to canonical shape under their (declared or detected) format."""
     bad = bad or BadRows()
     rows = read_source(source, bad)

@@ -100,7 +100,8 @@ def normalize(row: Row, fmt: str, columns: dict[str, str] | None = None) -> Row:
         raise UserError(f"{row.where}: unknown format {fmt!r}")
     if "messages" in data:
         _needs_assistant(data["messages"], row)
-    return Row(data, row.where, "messages" if "messages" in data else "text" if "text" in data else "prompt_completion")
+    shape = "messages" if "messages" in data else "text" if "text" in data else "prompt_completion"
+    return Row(data, row.where, shape)
 
 
 class _Getter:

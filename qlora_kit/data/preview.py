@@ -70,7 +70,8 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
     rows.append(("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_target:,} with no trained token"))
     share = stats.trained_tokens / max(stats.tokens, 1)
     rows.append(("tokens trained on", f"{stats.trained_tokens:,} of {stats.tokens:,} ({share:.1%})"))
-    rows.append((f"padding efficiency (batches of {batch_size})", f"{padding_efficiency(prepared.train, batch_size):.1%}"))
+    padding = padding_efficiency(prepared.train, batch_size)
+    rows.append((f"padding efficiency (batches of {batch_size})", f"{padding:.1%}"))
     if packing:
         rows.append(("packing efficiency", f"{packing['efficiency']:.1%} ({packing['examples']:,} examples in "
                      f"{packing['sequences']:,} {packing['strategy']} packs of {packing['max_length']})"))

@@ -1,4 +1,4 @@
-"""Reading sources: local files, directories and globs of them, or hub datasets, into rows that know where they came from."""
+"""Reading sources: local files, directories and globs of them, or hub datasets, into rows that know their origin."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def render_canonical(row: Row, tokenizer) -> tuple[str, Spans]:
                 return chat_spans(tokenizer, prompt + completion, trained_from=len(prompt))
             return prompt + completion, [(len(prompt), len(prompt) + len(completion))]
     except TemplateError as exc:
-        raise RowError(row.where, f"the chat template rejects this conversation: {exc}", "chat template error") from None
+        message = f"the chat template rejects this conversation: {exc}"
+        raise RowError(row.where, message, "chat template error") from None
     return data["text"], [(0, len(data["text"]))]
 
 
@@ -137,15 +138,15 @@ def encode_batch(rows: list[Row], tokenizer, rules: TokenRules) -> list[tuple[li
         except RowError as exc:
             rendered.append(exc)
     texts = [r[0] for r in rendered if not isinstance(r, RowError)]
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    # The Rust tokenizer directly: the same ids and offsets as tokenizer(...), without per-row Python wrapping.
+    encodings = iter(tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False) if texts else [])
     out: list[tuple[list, list] | RowError] = []
-    k = 0
     for item in rendered:
         if isinstance(item, RowError):
             out.append(item)
             continue
-        out.append(labels_for(encoded["input_ids"][k], encoded["offset_mapping"][k], item[1], rules))
-        k += 1
+        encoding = next(encodings)
+        out.append(labels_for(encoding.ids, encoding.offsets, item[1], rules))
     return out
 
 
