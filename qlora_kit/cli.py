@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--accelerate-profile", metavar="NAME",
                        help="launch under an accelerate profile: single_gpu, ddp, fsdp_qlora, zero3, multi_node "
                        "(recipes/accelerate) or a config path; overrides launch.accelerate_profile")
+
+    data = commands.add_parser("data", help="prepare the data; show examples with the trained tokens, and statistics")
+    _add_recipe_args(data)
+    data.add_argument("--examples", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
+    data.add_argument("--plain", action="store_true", help="mark trained tokens with [[...]] instead of colour")
     return parser
 
 
@@ -83,6 +88,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0 if result.run_dir.exists() or not _is_main_process() else 1
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from qlora_kit.data import build_datasets, preview
+    from qlora_kit.model import load_tokenizer
+    from qlora_kit.recipe import load_recipe, training_args
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console = _console()
+    plain = args.plain or not console.is_terminal
+    tokenizer = load_tokenizer(recipe)
+    prepared = build_datasets(recipe, tokenizer, show_progress=console.is_terminal)
+    preview.show_examples(console, tokenizer, prepared, args.examples, plain)
+    training = training_args(recipe)
+    preview.show_stats(console, prepared, recipe.data.max_length, training["per_device_train_batch_size"],
+                       training.get("packing_strategy", "bfd"), bool(training.get("packing")))
+    return 0
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -104,7 +126,8 @@ class TrainProgress:
         self.console.print(
             f"data: {rows} rows ({', '.join(f'{k}: {v}' for k, v in stats['formats'].items())}), "
             f"{stats['tokens']:,} tokens, {share:.0%} trained on; truncated {stats['truncated']}, "
-            f"dropped {stats['dropped_too_long'] + stats['dropped_no_target']}"
+            f"dropped {stats['dropped_too_long'] + stats['dropped_no_target']}; cache {stats.get('cache', 'off')}"
+            + (f"; packing efficiency {stats['packing']['efficiency']:.0%}" if stats.get("packing") else "")
         )
 
     def on_model(self, info: dict[str, Any]) -> None:
@@ -144,7 +167,7 @@ class TrainProgress:
         console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train}
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from qlora_kit.errors import UserError
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
-DataFormat = Literal["auto", "messages", "prompt_completion", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
 
 # SFTConfig fields that another section of the recipe owns, and where to set them instead.
 OWNED_TRAINING_FIELDS = {
@@ -113,11 +113,31 @@ class LoraSection(Section):
 
 
 class DataSource(Section):
-    path: str = Field(description="Local file (.jsonl, .json, .csv, .parquet) or hub dataset id.")
-    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns.")
+    path: str = Field(
+        description="Local file (.jsonl, .json, .csv, .parquet, .txt), directory or glob of them, or hub dataset id."
+    )
+    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns and says which.")
     split: str = Field("train", description="Split to read from a hub dataset.")
     name: str | None = Field(None, description="Hub dataset config name.")
-    revision: str | None = Field(None, description="Hub dataset revision.")
+    revision: str | None = Field(None, description="Hub dataset revision (a commit makes the cache key exact).")
+    columns: dict[str, str] | None = Field(
+        None, description="Column mapping {format column: column in this source}, e.g. {messages: convo}."
+    )
+    weight: float | None = Field(
+        None, gt=0, description="Relative share of this source among the weighted sources of the training mix."
+    )
+    fraction: float | None = Field(
+        None, gt=0, description="Fraction of this source's rows to use (above 1 repeats rows)."
+    )
+    sample_by: Literal["line", "paragraph", "document"] = Field(
+        "line", description="For .txt files: one text row per line, per blank-line paragraph or per file."
+    )
+
+    @model_validator(mode="after")
+    def _one_share(self) -> DataSource:
+        if self.weight is not None and self.fraction is not None:
+            raise ValueError("weight and fraction are both set: a source is either weighted or a fraction of itself")
+        return self
 
 
 class DataSection(Section):
@@ -126,12 +146,25 @@ class DataSection(Section):
     eval_split: float | None = Field(None, gt=0, lt=1, description="Fraction of train held out for evaluation.")
     max_length: int = Field(1024, gt=0, description="Longest tokenized example.")
     truncation: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
-    seed: int = Field(42, description="Seed for the eval split and shuffling.")
+    seed: int = Field(42, description="Seed for the eval split, mixing and shuffling.")
+    dedupe: bool = Field(False, description="Drop repeated examples (and training examples equal to held-out ones).")
+    max_bad_rows: int = Field(
+        0, ge=0, description="Skip up to this many invalid rows (counted by reason); one more is an error."
+    )
+    num_proc: int | None = Field(
+        None, gt=0, description="Processes for tokenization; default: several for large datasets, one otherwise."
+    )
+    cache: bool = Field(True, description="Reuse the processed dataset when nothing that decides it has changed.")
+    cache_dir: str | None = Field(
+        None, description="Processed-data cache folder; default $QLORA_KIT_CACHE/data or ~/.cache/qlora-kit/data."
+    )
 
     @model_validator(mode="after")
     def _one_eval(self) -> DataSection:
         if self.eval is not None and self.eval_split is not None:
             raise ValueError("data.eval and data.eval_split are both set: use one held-out source")
+        if self.eval is not None and self.eval.weight is not None:
+            raise ValueError("data.eval.weight: weights mix training sources; use fraction to subsample held-out data")
         return self
 
 
