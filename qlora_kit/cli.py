@@ -34,6 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
+
+    merge = commands.add_parser("merge", help="merge a run's adapter into its base: a plain, verified model")
+    merge.add_argument("run_dir", help="run directory written by `qlora-kit train`")
+    merge.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="merge fields (strategy=original, dtype=bfloat16, verify=false) or dotted recipe keys")
+    merge.add_argument("--output", help="output folder (default: RUN_DIR/merged)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     return parser
 
 
@@ -62,6 +69,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     console.print(f"model [bold]{recipe.model.name_or_path}[/bold] → run directory [bold]{recipe.output_dir}[/bold]")
     result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console))
     return 0 if result.run_dir.exists() or not _is_main_process() else 1
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from qlora_kit.merge import VerificationFailed, merge_run
+    from qlora_kit.merge.console import MergeProgress
+
+    console = _console()
+    console.rule(f"qlora-kit merge · {args.run_dir}")
+    progress = MergeProgress(console)
+    try:
+        merge_run(Path(args.run_dir), args.output and Path(args.output), args.overrides, args.force, progress)
+    except VerificationFailed as exc:
+        progress.show_verification(exc.report["verification"], exc.report["strategy"])
+        print(f"error: verification failed: {exc}; the unverified merge was not published (kept for inspection in "
+              f"{exc.kept})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _is_main_process() -> bool:
@@ -122,7 +146,7 @@ class TrainProgress:
         console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train}
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:
