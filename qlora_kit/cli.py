@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(data)
     data.add_argument("--examples", type=int, default=3, metavar="N", help="rendered examples to show (default 3)")
     data.add_argument("--plain", action="store_true", help="mark trained tokens with [[...]] instead of colour")
+
+    merge = commands.add_parser("merge", help="merge a run's adapter into its base: a plain, verified model")
+    merge.add_argument("run_dir", help="run directory written by `qlora-kit train`")
+    merge.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="merge fields (strategy=original, dtype=bfloat16, verify=false) or dotted recipe keys")
+    merge.add_argument("--output", help="output folder (default: RUN_DIR/merged)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output folder")
     return parser
 
 
@@ -102,6 +109,23 @@ def cmd_data(args: argparse.Namespace) -> int:
     training = training_args(recipe)
     preview.show_stats(console, prepared, recipe.data.max_length, training["per_device_train_batch_size"],
                        training.get("packing_strategy", "bfd"), bool(training.get("packing")))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from qlora_kit.merge import VerificationFailed, merge_run
+    from qlora_kit.merge.console import MergeProgress
+
+    console = _console()
+    console.rule(f"qlora-kit merge · {args.run_dir}")
+    progress = MergeProgress(console)
+    try:
+        merge_run(Path(args.run_dir), args.output and Path(args.output), args.overrides, args.force, progress)
+    except VerificationFailed as exc:
+        progress.show_verification(exc.report["verification"], exc.report["strategy"])
+        print(f"error: verification failed: {exc}; the unverified merge was not published (kept for inspection in "
+              f"{exc.kept})", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -167,7 +191,7 @@ class TrainProgress:
         console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data}
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

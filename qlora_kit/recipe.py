@@ -187,6 +187,39 @@ class LaunchSection(Section):
     )
 
 
+class MergeAdapter(Section):
+    path: str = Field(description="Another adapter to merge: a run directory (with adapter/) or a PEFT adapter.")
+    weight: float = Field(1.0, description="Its weight in the linear combination of adapter deltas.")
+
+
+class MergeSection(Section):
+    strategy: Literal["dequantized", "original"] = Field(
+        "dequantized",
+        description="Base weights: dequantized = the 4-bit weights the adapter was trained against (reproduces the "
+        "trained model); original = the full-precision checkpoint (differs by the quantization error).",
+    )
+    dtype: Dtype = Field("auto", description="dtype of the merged weights; auto = the trained model's weights dtype.")
+    weight: float = Field(1.0, description="Weight of the run's own adapter in the linear combination.")
+    adapters: list[MergeAdapter] = Field(default_factory=list, description="Further adapters merged with weights.")
+    max_shard_size: str = Field("5GB", description="Largest output safetensors shard, e.g. 2GB or 500MB.")
+    verify: bool = Field(True, description="Compare the merged model with the adapter on the 4-bit base.")
+    verify_examples: int = Field(16, gt=0, description="Held-out examples for the logit and loss comparison.")
+    verify_generations: int = Field(4, ge=0, description="Held-out prompts whose greedy generations must agree.")
+    max_abs_logit_diff: float = Field(1.0, gt=0, description="Most allowed max |logit difference|.")
+    mean_abs_logit_diff: float = Field(0.05, gt=0, description="Most allowed mean |logit difference|.")
+    max_loss_diff: float = Field(
+        0.01, gt=0, description="Most allowed |held-out loss difference| (merged vs adapter, and adapter now vs "
+        "the loss recorded at training time, which catches a changed base)."
+    )
+    min_generation_agreement: float = Field(
+        0.75, ge=0, le=1, description="Least fraction of greedy generations identical to the adapter's."
+    )
+    enforce_thresholds: bool | None = Field(
+        None, description="Fail the merge beyond a threshold; default true for dequantized, false for original "
+        "(whose difference is expected and only reported)."
+    )
+
+
 class Recipe(Section):
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -195,6 +228,7 @@ class Recipe(Section):
     training: dict[str, Any] = Field(default_factory=dict, description="Any field of trl's SFTConfig.")
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe name>.")
 
 

@@ -89,3 +89,42 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, rows: list[dict], **training) -
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+# Tiny random-weight models of several architectures, for tests that must hold beyond Llama.
+TINY_ARCHITECTURES = {
+    "llama": ("LlamaConfig", {}),
+    "phi3": ("Phi3Config", {}),  # fused projections: qkv_proj and gate_up_proj
+    "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),  # tied embeddings, biased q/k/v
+}
+
+
+def save_tiny_causal_lm(path: Path, tokenizer, architecture: str, seed: int = 0, **overrides) -> Path:
+    """Save a random-weight causal LM of ``architecture`` (2 layers, width 64) with ``tokenizer`` at ``path``."""
+    import torch
+    import transformers
+
+    config_name, specific = TINY_ARCHITECTURES[architecture]
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    initializer_range=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id, **specific)
+    config = getattr(transformers, config_name)(**{**settings, **overrides})
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_architecture_dir(tmp_path_factory, demo_tokenizer):
+    """``make(architecture)``: the folder of a tiny random-weight model of that architecture (built once)."""
+    built: dict[str, Path] = {}
+
+    def make(architecture: str) -> Path:
+        if architecture not in built:
+            built[architecture] = save_tiny_causal_lm(tmp_path_factory.mktemp(architecture), demo_tokenizer,
+                                                      architecture)
+        return built[architecture]
+
+    return make
