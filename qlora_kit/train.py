@@ -218,6 +218,10 @@ def train(recipe: Recipe, run_dir: Path, force: bool = False, progress=None) -> 
     show("model", {"trainable": trainable, "total": total, "dtype": str(model_stage.compute_dtype(recipe))})
 
     trainer = make_trainer(recipe, model, tokenizer, prepared, staging)
+    if recipe.eval.callback_steps and prepared.eval_rows:
+        from qlora_kit.evaluate.callback import generation_eval_callback
+
+        trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
     started = time.perf_counter()
     trainer.train()
     runtime = time.perf_counter() - started
