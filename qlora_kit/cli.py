@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="merge fields (strategy=original, dtype=bfloat16, verify=false) or dotted recipe keys")
     merge.add_argument("--output", help="output folder (default: RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
+
+    evaluate = commands.add_parser("eval", help="compare base, adapter and merged model on the held-out data")
+    evaluate.add_argument("run_dir", help="run directory written by qlora-kit train")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.batch_size=4")
+    evaluate.add_argument("--merged", help="merged model folder (default: RUN_DIR/merged when it exists)")
+    evaluate.add_argument("--force", action="store_true", help="replace an existing evaluation in the run directory")
     return parser
 
 
@@ -129,6 +135,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from qlora_kit.evaluate.stage import run_eval
+
+    console = _console()
+    console.rule(f"qlora-kit eval · {args.run_dir}")
+    with EvalProgress(console) as progress:
+        result = run_eval(Path(args.run_dir), args.overrides, force=args.force,
+                          merged_dir=Path(args.merged) if args.merged else None, progress=progress, log=console.print)
+    show_eval(console, result.report)
+    return 0
+
+
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -191,7 +209,51 @@ class TrainProgress:
         console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data, "merge": cmd_merge}
+class EvalProgress:
+    """One rich progress bar per (model, phase): called with a description and a total, returns an advance function."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=console)
+
+    def __enter__(self) -> EvalProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bars.stop()
+
+    def __call__(self, description: str, total: int):
+        task = self.bars.add_task(description, total=total)
+        return lambda done: self.bars.advance(task, done)
+
+
+def show_eval(console, report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from qlora_kit.evaluate.report import higher_is_better
+
+    models = list(report["metrics"])
+    table = Table(title="held-out: " + " vs ".join(models))
+    table.add_column("metric")
+    for name in models:
+        table.add_column(name, justify="right")
+    for name in models[1:]:
+        table.add_column(f"Δ {name}", justify="right")
+    for key in dict.fromkeys(k for m in models for k in report["metrics"][m]):
+        cells = [f"{report['metrics'][m][key]:.4g}" if key in report["metrics"][m] else "–" for m in models]
+        for name in models[1:]:
+            delta = report["deltas"][name].get(key)
+            good = delta is not None and delta != 0 and (delta > 0) == higher_is_better(key)
+            cells.append("–" if delta is None else f"[{'green' if good else 'red'}]{delta:+.4g}[/]")
+        table.add_row(key if higher_is_better(key) else f"{key} ↓", *cells)
+    console.print(table)
+    console.print(f"report: [bold]{report['run_dir']}[/bold]/eval.json, eval.md, eval.png, samples.jsonl")
+
+
+COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data, "eval": cmd_eval, "merge": cmd_merge}
 
 
 def main(argv: list[str] | None = None) -> int:

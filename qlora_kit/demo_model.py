@@ -474,31 +474,44 @@ def _model_card(model: LlamaForCausalLM, stats: dict[str, Any]) -> str:
     num_params = sum(p.numel() for p in model.parameters())
     return f"""# demo-base
 
-A tiny Llama-architecture causal LM (~{num_params / 1e6:.2f}M parameters) **pre-trained from scratch** by
-`qlora_kit/demo_model.py`, so that the qlora-kit demo and tests can fine-tune a real pre-trained model without
+A tiny Llama-architecture causal LM ({num_params / 1e6:.2f}M parameters) **pre-trained from scratch** by
+`qlora_kit/demo_model.py`, so that the qlora-kit demo and tests fine-tune a real pre-trained model without
 downloading anything.
 
-- Architecture: `LlamaForCausalLM`, hidden {config.hidden_size}, {config.num_hidden_layers} layers,
-  {config.num_attention_heads} heads / {config.num_key_value_heads} KV heads (head dim {config.head_dim}),
-  intermediate {config.intermediate_size}, vocab {config.vocab_size}, untied input/output embeddings, float32.
-  All Linear in/out dims are multiples of 64, so bitsandbytes 4-bit (NF4) quantization works.
-- Tokenizer: byte-level BPE trained on the corpus, digits always single tokens. `<|endoftext|>` is bos/eos,
-  `<|pad|>` is the (distinct) pad token, `<|im_start|>`/`<|im_end|>` delimit ChatML turns. No bos is added
-  automatically. The chat template is plain ChatML; generation stops at `<|endoftext|>` or `<|im_end|>`.
-- Pre-training data: a synthetic corpus ({stats["num_docs"]} documents, {stats["num_tokens"]} tokens, seed
-  {stats["seed"]}) of templated sentences stating small-number addition (0-{ADDITION_MAX} + 0-{ADDITION_MAX}), the
-  number after n (0-{SUCCESSOR_MAX}), antonyms, plurals, capitals of fictional countries and word reversals, plus
-  filler sentences.
-- Pre-training: {stats["steps"]} AdamW steps, batch {stats["batch_size"]} x {stats["seq_len"]} tokens, peak lr
-  {stats["lr"]}, cosine schedule; final loss {stats["final_loss"]:.3f}.
-- The chat special tokens never occur in pre-training: their lm_head rows are re-initialised from a Gaussian fitted
-  to the learned rows so that LoRA can learn to emit `<|im_end|>`.
+## Architecture
+
+`LlamaForCausalLM`: hidden size {config.hidden_size}, {config.num_hidden_layers} layers, \
+{config.num_attention_heads} attention heads / {config.num_key_value_heads} KV heads (head dim {config.head_dim}), \
+intermediate size {config.intermediate_size}, vocabulary {config.vocab_size}, untied input/output embeddings, float32.
+Every Linear in/out dim is a multiple of 64, so bitsandbytes 4-bit (NF4) quantization works.
+
+## Tokenizer
+
+Byte-level BPE trained on the corpus; digits are always single tokens. `<|endoftext|>` is bos and eos, `<|pad|>` is
+a distinct pad token, `<|im_start|>`/`<|im_end|>` delimit ChatML turns. No bos is added automatically. The chat
+template is plain ChatML; generation stops at `<|endoftext|>` or `<|im_end|>`.
+
+## Pre-training
+
+- Data: a synthetic corpus ({stats["num_docs"]} documents, {stats["num_tokens"]} tokens, seed {stats["seed"]}) of
+  templated sentences stating small-number addition (0-{ADDITION_MAX} + 0-{ADDITION_MAX}), the number after n
+  (0-{SUCCESSOR_MAX}), antonyms, plurals, capitals of fictional countries and word reversals; filler sentences; and
+  FAQ documents (a question line, then a line with just the answer) about the same facts.
+- Training: {stats["steps"]} AdamW steps of {stats["batch_size"]} x {stats["seq_len"]} tokens, peak learning rate \
+{stats["lr"]}, cosine schedule, final loss {stats["final_loss"]:.3f}.
+- The chat special tokens never occur in pre-training. Their embedding and lm_head rows are re-initialised from a
+  Gaussian fitted to the learned rows, so that they look like ordinary tokens and LoRA can learn to emit `<|im_end|>`.
+
+## Intended use
 
 The base model knows the facts but not the chat format: on the held-out chat questions of `data/demo/eval.jsonl` it
-(almost) never answers exactly. A short QLoRA fine-tune on `data/demo/train.jsonl` (facts disjoint from eval) teaches
-the format, and the held-out exact match then comes from knowledge acquired in pre-training.
+(almost) never answers exactly. A short QLoRA fine-tune on `data/demo/train.jsonl` (train and eval facts are disjoint)
+teaches the format, and the held-out exact match then comes from knowledge acquired in pre-training. It is a toy:
+use it for demos and tests only.
 
-Built (deterministically, in a few minutes on 2 CPU cores) with:
+## Rebuilding
+
+Deterministic, a few minutes on 2 CPU cores:
 
 ```bash
 {BUILD_COMMAND}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from qlora_kit.errors import UserError
 
@@ -168,10 +168,54 @@ class DataSection(Section):
         return self
 
 
+class LmEvalSection(Section):
+    """Standard benchmarks through lm-evaluation-harness (the ``lm-eval`` extra); names mirror its simple_evaluate."""
+
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task, group or tag names; empty runs none.")
+    limit: float | None = Field(
+        None, gt=0, description="Examples per task (an integer), or a fraction of each task below 1; empty for all."
+    )
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; empty keeps the task's own.")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+    include_path: str | None = Field(None, description="Folder of extra task YAML files (your own tasks).")
+    include_defaults: bool = Field(True, description="Also index lm-eval's built-in tasks (takes a few seconds).")
+
+
 class EvalSection(Section):
     num_samples: int = Field(4, ge=0, description="Held-out prompts generated before and after training.")
     max_new_tokens: int = Field(48, gt=0, description="Longest generation.")
-    max_examples: int = Field(256, gt=0, description="Most held-out examples used for the loss comparison.")
+    max_examples: int = Field(256, gt=0, description="Most held-out examples scored (and, in eval, generated).")
+    metrics: list[str] = Field(
+        default_factory=lambda: ["exact_match", "rouge", "bleu", "chrf"],
+        description="Generation metrics for qlora-kit eval: built-in names (exact_match, rouge, bleu, chrf), a path "
+        "to an evaluate metric script, or module:function (a Python function of predictions and references).",
+    )
+    batch_size: int = Field(8, gt=0, description="Prompts generated (and examples scored) together.")
+    do_sample: bool = Field(False, description="Sample instead of greedy decoding.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (with do_sample).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (with do_sample).")
+    top_k: int = Field(50, ge=0, description="Sample among the k likeliest tokens (with do_sample); 0 for all.")
+    seed: int = Field(42, description="Seed set before each model generates, so sampled runs compare like for like.")
+    lm_eval: LmEvalSection = Field(default_factory=LmEvalSection, description="lm-evaluation-harness benchmarks.")
+    callback_steps: int = Field(
+        0, ge=0, description="During training, generate on held-out prompts every this many steps and log "
+        "eval_exact_match; 0 turns it off."
+    )
+    callback_samples: int = Field(8, gt=0, description="Held-out prompts the in-training generation eval uses.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, metrics: list[str]) -> list[str]:
+        from qlora_kit.metrics import BUILTIN_METRICS
+
+        for name in metrics:
+            looks_custom = ":" in name or "/" in name or name.endswith(".py")
+            if not looks_custom and name not in BUILTIN_METRICS:
+                raise ValueError(
+                    f"unknown metric {name!r}{_suggest(name, list(BUILTIN_METRICS))}: use one of "
+                    f"{', '.join(BUILTIN_METRICS)}, a path to an evaluate metric script, or module:function"
+                )
+        return metrics
 
 
 class LaunchSection(Section):

@@ -285,6 +285,10 @@ def train(
         show("resume", {"checkpoint": str(checkpoint)})
 
     trainer = make_trainer(recipe, model, tokenizer, prepared, staging)
+    if recipe.eval.callback_steps and prepared.eval_rows:
+        from qlora_kit.evaluate.callback import generation_eval_callback
+
+        trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
     started = time.perf_counter()
     _run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started

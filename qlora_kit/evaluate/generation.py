@@ -1,15 +1,44 @@
-"""Evaluation: held-out loss on the trained tokens and greedy generations, for base and tuned models alike."""
+"""Held-out loss on the trained tokens and batched generation, for base, tuned and merged models alike."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from qlora_kit.data import IGNORE_INDEX, adds_bos
+
+Advance = Callable[[int], None]  # told how many items a batch finished, for progress bars
+
+
+@dataclass
+class GenerationSettings:
+    """How answers are generated; the recipe's ``eval`` section fills it (greedy unless do_sample)."""
+
+    max_new_tokens: int = 48
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    seed: int = 42
+
+    @classmethod
+    def from_recipe(cls, section) -> GenerationSettings:
+        return cls(**{name: getattr(section, name) for name in cls.__dataclass_fields__})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
 
 
 def _batches(items: list, size: int):
@@ -18,7 +47,8 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def heldout_loss(model, dataset, pad_token_id: int, batch_size: int = 8, max_examples: int | None = None) -> float:
+def heldout_loss(model, dataset, pad_token_id: int, batch_size: int = 8, max_examples: int | None = None,
+                 advance: Advance | None = None) -> float:
     """Mean cross-entropy per trained token (labels != -100), summed over all examples before dividing.
 
     Per-batch means would weight short examples more; summing token losses gives the loss the data defines.
@@ -39,26 +69,41 @@ def heldout_loss(model, dataset, pad_token_id: int, batch_size: int = 8, max_exa
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shifted = labels[:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         total += losses.item()
         count += int((shifted != IGNORE_INDEX).sum())
+        if advance:
+            advance(len(batch))
     return total / max(count, 1)
 
 
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of rendered prompts, encoded as training encoded them: no special tokens but one BOS if the model
+    was pre-trained with one."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    return [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 8) -> list[str]:
-    """Greedy, batched generation with left padding; stops at EOS or the template's end-of-turn token."""
+def generate_ids(model, tokenizer, encoded: list[list[int]], settings: GenerationSettings,
+                 advance: Advance | None = None) -> list[list[int]]:
+    """Generated token ids per prompt (stop tokens and padding removed), batched with left padding.
+
+    Prompts are sorted by length so each batch holds similar lengths and little compute goes to padding; results
+    come back in the prompts' order.
+    """
     from qlora_kit.model import end_of_turn_ids
 
     model.eval()
     device = next(model.parameters()).device
-    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-    encoded = [bos + tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    # Sorting by length keeps padding, and so wasted compute, small inside each batch.
+    stops = end_of_turn_ids(tokenizer)
+    if settings.do_sample:
+        torch.manual_seed(settings.seed)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    outputs: dict[int, str] = {}
-    for batch in _batches(order, batch_size):
+    outputs: dict[int, list[int]] = {}
+    for batch in _batches(order, settings.batch_size):
         width = max(len(encoded[i]) for i in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -68,15 +113,31 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, bat
         generated = model.generate(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=end_of_turn_ids(tokenizer),
+            max_new_tokens=settings.max_new_tokens,
+            eos_token_id=stops,
             pad_token_id=tokenizer.pad_token_id,
             use_cache=True,
+            **settings.sampling_kwargs(),
         )
         for row, i in enumerate(batch):
-            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
-    return [outputs[i] for i in range(len(prompts))]
+            new = generated[row, width:].tolist()
+            # Everything from the first stop token on is the end of the answer (or padding after it).
+            cut = next((k for k, token in enumerate(new) if token in stops), len(new))
+            outputs[i] = new[:cut]
+        if advance:
+            advance(len(batch))
+    return [outputs[i] for i in range(len(encoded))]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 8,
+             settings: GenerationSettings | None = None, advance: Advance | None = None) -> list[str]:
+    """Answers to rendered prompts: batched, left-padded, stopping at EOS or the template's end-of-turn token.
+
+    Greedy unless ``settings`` asks for sampling; ``settings`` (when given) overrides max_new_tokens and batch_size.
+    """
+    settings = settings or GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    ids = generate_ids(model, tokenizer, encode_prompts(tokenizer, prompts), settings, advance)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 def normalize(text: str) -> str:
@@ -100,7 +161,7 @@ def compare_base_and_tuned(peft_model, tokenizer, eval_dataset, pairs: list[tupl
             if eval_dataset is not None and len(eval_dataset):
                 loss = heldout_loss(peft_model, eval_dataset, tokenizer.pad_token_id, max_examples=max_examples)
                 report[f"eval_loss_{name}"] = loss
-                report[f"eval_perplexity_{name}"] = math.exp(min(loss, 50))
+                report[f"eval_perplexity_{name}"] = perplexity(loss)
                 report["examples"] = min(len(eval_dataset), max_examples)
             if prompts:
                 outputs[name] = generate(peft_model, tokenizer, prompts, max_new_tokens)
@@ -110,3 +171,8 @@ def compare_base_and_tuned(peft_model, tokenizer, eval_dataset, pairs: list[tupl
             {"prompt": prompt, "reference": reference, "base": outputs["base"][i], "tuned": outputs["tuned"][i]}
         )
     return report
+
+
+def perplexity(loss: float) -> float:
+    """exp(loss), capped so a diverged model reports a large finite number instead of inf."""
+    return math.exp(min(loss, 50))
