@@ -58,7 +58,39 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.batch_size=4")
     evaluate.add_argument("--merged", help="merged model folder (default: RUN_DIR/merged when it exists)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing evaluation in the run directory")
+    _add_plan_parser(commands)
+    _add_bench_parser(commands)
     return parser
+
+
+def _add_plan_parser(commands) -> None:
+    plan = commands.add_parser("plan", help="predict peak training memory and say whether it fits")
+    _add_recipe_args(plan)
+    plan.add_argument(
+        "--gpu-memory", help="memory to fit in, e.g. 80GiB, 24GB (default: this machine's GPU, else 80GiB)"
+    )
+
+
+def _add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="measure training or generation speed and memory")
+    kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
+    train = kinds.add_parser("train", help="tokens/s, step time, peak memory: qlora-kit beside a plain trl script")
+    _add_recipe_args(train)
+    train.add_argument("--warmup-steps", type=int, default=3, help="steps run before measuring (default 3)")
+    train.add_argument("--steps", type=int, default=10, help="steps measured after warm-up (default 10)")
+    train.add_argument("--no-baseline", dest="baseline", action="store_false", help="measure qlora-kit only")
+    train.add_argument("--output-dir", help="where bench.json and bench.md go (default runs/bench/<recipe>)")
+    train.add_argument("--force", action="store_true", help="replace an existing output directory")
+    train.add_argument("--side", choices=["toolkit", "baseline"], help=argparse.SUPPRESS)
+    train.add_argument("--json", help=argparse.SUPPRESS)
+    generate = kinds.add_parser("generate", help="generation latency and throughput: base, adapter, merged")
+    generate.add_argument("path", help="a run directory (recipe.yaml + adapter/, merged/ if any) or a model folder")
+    generate.add_argument("--batch-sizes", default="1,4,8", help="comma-separated batch sizes (default 1,4,8)")
+    generate.add_argument("--prompt-tokens", type=int, default=64, help="prompt length in tokens (default 64)")
+    generate.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    generate.add_argument("--repeats", type=int, default=2, help="timed repeats, best kept (default 2)")
+    generate.add_argument("--output-dir", help="where bench.json and bench.md go (default runs/bench/<name>-generate)")
+    generate.add_argument("--force", action="store_true", help="replace an existing output directory")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +285,84 @@ def show_eval(console, report: dict[str, Any]) -> None:
     console.print(f"report: [bold]{report['run_dir']}[/bold]/eval.json, eval.md, eval.png, samples.jsonl")
 
 
-COMMANDS = {"validate": cmd_validate, "train": cmd_train, "data": cmd_data, "eval": cmd_eval, "merge": cmd_merge}
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from qlora_kit.plan import GIB, parse_memory, plan_recipe
+    from qlora_kit.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.gpu_memory:
+        budget = parse_memory(args.gpu_memory)
+    else:
+        budget = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GIB
+    # The planner sizes GPU runs (bf16 compute); on a machine without one it assumes an 80 GiB card unless told.
+    result = plan_recipe(recipe, budget, on_gpu=True)
+    if not args.gpu_memory and not torch.cuda.is_available():
+        result.notes.append("no GPU here: checked against 80 GiB; pass --gpu-memory for your card")
+    console = _console()
+    console.print(f"plan for [bold]{args.recipe}[/bold]: {result.model}, batch {result.batch_size} x {result.length}")
+    for name, value in result.parts.items():
+        console.print(f"  {name:<22}{value / GIB:>9.2f} GiB")
+    console.print(f"  {'total':<22}{result.total / GIB:>9.2f} GiB  (budget {result.budget_bytes / GIB:.2f} GiB "
+                  f"after 1 GiB headroom)")
+    console.print("[green]fits[/green]" if result.fits else "[red]does not fit[/red]")
+    for line in result.suggestions + result.notes:
+        console.print(f"  {line}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from qlora_kit import bench
+
+    console = _console()
+    if args.bench_command == "train" and args.side:
+        if not args.json:
+            raise UserError("--side needs --json PATH for the measurements")
+        bench.run_side(args.side, args.recipe, args.overrides, args.warmup_steps, args.steps, Path(args.json))
+        return 0
+    from qlora_kit.train import check_run_dir
+
+    if args.bench_command == "train":
+        output = Path(args.output_dir or Path("runs") / "bench" / Path(args.recipe).stem)
+        check_run_dir(output, args.force)  # before minutes of measuring, not after
+        report = bench.bench_train(args.recipe, args.overrides, args.warmup_steps, args.steps, args.baseline,
+                                   progress=console.print)
+        markdown = bench.train_markdown(report)
+    else:
+        sizes = _batch_sizes(args.batch_sizes)
+        output = Path(args.output_dir or Path("runs") / "bench" / f"{Path(args.path).resolve().name}-generate")
+        check_run_dir(output, args.force)
+        report = bench.bench_generate(args.path, sizes, args.prompt_tokens, args.new_tokens, args.repeats,
+                                      progress=console.print)
+        markdown = bench.generate_markdown(report)
+    bench.write_report(report, markdown, output, args.force)
+    from rich.markdown import Markdown
+
+    console.print(Markdown(markdown))
+    console.print(f"written: [bold]{output}/bench.json[/bold] and bench.md")
+    return 0
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--batch-sizes: {text!r} is not a comma-separated list of positive integers, e.g. 1,4,8")
+    return sizes
+
+
+COMMANDS = {
+    "validate": cmd_validate,
+    "train": cmd_train,
+    "data": cmd_data,
+    "eval": cmd_eval,
+    "merge": cmd_merge,
+    "plan": cmd_plan,
+    "bench": cmd_bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

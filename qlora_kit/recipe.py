@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -314,6 +315,11 @@ def _check_training(training: Any) -> list[str]:
         value = merged.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"training.{key}: must be > 0, got {value}")
+    if merged.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        problems.append(
+            "training.use_liger_kernel: the Liger kernels are not installed: pip install 'qlora-kit[liger]' "
+            "(GPU only), or remove the key"
+        )
     return problems
 
 

@@ -1,0 +1,499 @@
+"""Memory planner: predict a recipe's peak training memory from the model's config alone, before loading anything.
+
+Every term is a closed-form count, written out so the arithmetic can be checked by hand (``tests/test_plan.py`` does).
+Worked example, Llama-3.1-8B, QLoRA r=16 on all linear layers, batch 1 x 2048 tokens, bf16 compute:
+
+    quantized linears   6.98e9 params x (4 bits + 0.127 bits of constants) / 8      = 3.60 GB
+    embeddings, lm_head 2 x 128256 x 4096 = 1.05e9 params x 4 bytes (fp32 after
+                        peft's prepare_model_for_kbit_training)                        = 4.20 GB
+    LoRA                32 layers x r 16 x sum(in + out) = 41.9e6 params x 2 bytes    = 0.08 GB
+    gradients + AdamW   41.9e6 x (2 + 2 x 2) bytes                                     = 0.25 GB
+    activations         2048 x (32 layers x 4096 x 2 bytes kept at checkpoints
+                        + 350,432 bytes for the one layer being recomputed)            = 1.26 GB
+    logits              2048 x 128256 x (2 bf16 + 4 fp32 copy + 4 fp32 gradient)      = 2.63 GB
+    total                                                                              = 12.0 GB (11.2 GiB)
+
+Sources: QLoRA (Dettmers et al. 2023, section 3) for NF4 with 64-element blocks and double quantization (0.127 instead
+of 0.5 bits per parameter of constants); Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", section 4.1) for counting the activations a transformer layer saves for backward, adapted here to
+Llama-style layers (RMSNorm, grouped-query attention, SwiGLU MLP, fused attention that keeps no s x s scores).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_kit.errors import UserError
+
+ARCH_DIR = Path(__file__).parent / "architectures"
+ARCH_PREFIX = "arch:"
+GIB = 2**30
+
+# bitsandbytes 4-bit layout (bitsandbytes.functional.quantize_4bit): two 4-bit codes per byte, one absmax per block of
+# 64 weights; with double quantization the absmax values are themselves quantized to 8 bits in blocks of 256, each
+# block keeping one fp32 absmax, plus one fp32 offset per tensor.
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+NF4_CODE_BYTES = 16 * 4  # the 16-entry NF4 code book, fp32, stored with every layer's quant state
+DQ_CODE_BYTES = 256 * 4  # the 8-bit dynamic code book of the second level, fp32, one copy per layer once loaded
+
+# bitsandbytes 8-bit optimizers keep 8-bit states only for tensors of at least this many elements (min_8bit_size),
+# in blocks of 256 with one fp32 absmax per block and state; smaller tensors get fp32 states.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPT_BLOCK = 256
+
+LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Hub names that differ from the shipped file name only by a suffix that does not change the shape.
+SHAPE_SUFFIXES = re.compile(r"-(instruct|chat|it|hf|base)(?=-|$)")
+ALIASES = {"mistral-7b-v0.1": "mistral-7b", "meta-llama-3.1-8b": "llama-3.1-8b", "meta-llama-3.1-70b": "llama-3.1-70b"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model shape
+
+
+@dataclass
+class Shape:
+    """The dimensions of a Llama-style decoder that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = False
+    qkv_bias: bool = False
+    name: str = "model"
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], name: str = "model") -> Shape:
+        config = config.get("text_config", config)
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            # Qwen2 hard-codes biases on q, k and v; Llama exposes them as attention_bias.
+            qkv_bias=bool(config.get("attention_bias", False)) or config.get("model_type") == "qwen2",
+            name=name,
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder layer."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def linear_params(self) -> int:
+        """Weights of every decoder-layer linear (the part bitsandbytes quantizes), all layers."""
+        return self.layers * sum(a * b for a, b in self.linears().values())
+
+    def other_params(self) -> dict[str, int]:
+        """Parameters that stay unquantized: embeddings, lm_head (bitsandbytes skips it), norms, biases."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "embed_tokens": self.vocab * self.hidden,
+            "lm_head": 0 if self.tied else self.vocab * self.hidden,
+            "norms": (2 * self.layers + 1) * self.hidden,  # two RMSNorms per layer and the final one
+            "biases": self.layers * (q + 2 * kv) if self.qkv_bias else 0,
+        }
+
+    def total_params(self) -> int:
+        return self.linear_params() + sum(self.other_params().values())
+
+
+def read_config(name_or_path: str) -> tuple[dict[str, Any], str]:
+    """The model's config.json as a dict, and where it came from.
+
+    A local folder gives its own config.json; ``arch:NAME[,key=value...]`` and hub ids found by name among the shipped
+    architectures (``meta-llama/Llama-3.1-8B`` -> ``llama-3.1-8b.json``) need no network.
+    """
+    if name_or_path.startswith(ARCH_PREFIX):
+        return arch_config(name_or_path), name_or_path
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text()), str(path / "config.json")
+    if path.exists():
+        raise UserError(
+            f"model.name_or_path: {name_or_path} has no config.json: give a model folder saved by transformers"
+        )
+    key = shipped_name(name_or_path)
+    if key is None:
+        raise UserError(
+            f"model.name_or_path: no local config for {name_or_path!r} and no shipped architecture by that name: give "
+            f"a local model folder or one of {', '.join(ARCH_PREFIX + n for n in shipped_architectures())}"
+        )
+    return json.loads((ARCH_DIR / f"{key}.json").read_text()), f"{ARCH_PREFIX}{key}"
+
+
+def shipped_architectures() -> list[str]:
+    return sorted(p.stem for p in ARCH_DIR.glob("*.json"))
+
+
+def shipped_name(hub_id: str) -> str | None:
+    """The shipped architecture file for a hub id, matching its last part case-insensitively."""
+    name = hub_id.rstrip("/").split("/")[-1].lower()
+    shipped = set(shipped_architectures())
+    for candidate in (name, SHAPE_SUFFIXES.sub("", name)):
+        candidate = ALIASES.get(candidate, candidate)
+        if candidate in shipped:
+            return candidate
+    return None
+
+
+def arch_config(spec: str) -> dict[str, Any]:
+    """Parse ``arch:NAME[,key=value,...]``: a shipped config with overrides (e.g. fewer layers for a CPU smoke run)."""
+    name, *pairs = spec.removeprefix(ARCH_PREFIX).split(",")
+    file = ARCH_DIR / f"{name}.json"
+    if not file.is_file():
+        raise UserError(
+            f"model.name_or_path: unknown architecture {name!r}: use one of {', '.join(shipped_architectures())}"
+        )
+    config = json.loads(file.read_text())
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in config:
+            raise UserError(
+                f"model.name_or_path: override {pair!r} in {spec!r} must be key=value with a key of {name}.json"
+            )
+        config[key] = json.loads(value) if value not in ("", "None") else None
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes allocates for one 4-bit weight of ``numel`` elements, constants included.
+
+    n/2 bytes of codes, then per 64-weight block either one fp32 absmax (32/64 = 0.5 bit per weight) or, with double
+    quantization, one 8-bit absmax plus one fp32 per 256 such blocks (8/64 + 32/(64*256) = 0.127 bit per weight).
+    """
+    blocks = math.ceil(numel / NF4_BLOCK)
+    packed = math.ceil(numel / 2)
+    if not double_quant:
+        return packed + 4 * blocks + NF4_CODE_BYTES
+    # + 4: the fp32 offset; each layer's quant state also holds its own copy of the second-level code book.
+    return packed + blocks + 4 * math.ceil(blocks / DQ_BLOCK) + 4 + NF4_CODE_BYTES + DQ_CODE_BYTES
+
+
+def constant_bits_per_param(double_quant: bool) -> float:
+    """Bits of quantization constants per weight, as the QLoRA paper counts them (0.5 without DQ, 0.127 with)."""
+    return 8 / NF4_BLOCK + 32 / (NF4_BLOCK * DQ_BLOCK) if double_quant else 32 / NF4_BLOCK
+
+
+def quantized_weight_bytes(shape: Shape, bits: int | None, double_quant: bool, dtype_bytes: int) -> int:
+    """Bytes of every decoder-layer linear weight: 4-bit NF4, 8-bit (int8 + one fp32 scale per row), or unquantized."""
+    total = 0
+    for fan_in, fan_out in shape.linears().values():
+        numel = fan_in * fan_out
+        if bits == 4:
+            total += nf4_bytes(numel, double_quant)
+        elif bits == 8:
+            total += numel + 4 * fan_out
+        else:
+            total += numel * dtype_bytes
+    return total * shape.layers
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA, gradients, optimizer
+
+
+def lora_targets(target_modules: str | list[str]) -> list[str]:
+    if target_modules == "all-linear":
+        return list(LORA_ALL_LINEAR)
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = [n for n in names if n not in LORA_ALL_LINEAR]
+    if unknown:
+        raise UserError(
+            f"lora.target_modules: the planner knows {', '.join(LORA_ALL_LINEAR)}, not {', '.join(unknown)}"
+        )
+    return names
+
+
+def lora_tensors(shape: Shape, r: int, targets: list[str]) -> list[int]:
+    """Element counts of every LoRA tensor: A is r x in, B is out x r, for each target in each layer."""
+    linears = shape.linears()
+    per_layer = [n for t in targets for n in (r * linears[t][0], linears[t][1] * r)]
+    return per_layer * shape.layers
+
+
+def optimizer_bytes(tensors: list[int], optim: str, param_bytes: int) -> int:
+    """Optimizer state bytes for trainable tensors of the given sizes.
+
+    torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype (2 x param_bytes per weight); bitsandbytes'
+    8-bit AdamW keeps two uint8 states plus an fp32 absmax per 256-element block for each (2 + 8/256 bytes), and fp32
+    states (8 bytes) for tensors under 4096 elements; its 32-bit variants always use fp32 (8 bytes); SGD without
+    momentum keeps nothing; Adafactor keeps factored row and column statistics (fp32).
+    """
+    name = optim.lower()
+    if "8bit" in name:
+        return sum(2 * n + 2 * 4 * math.ceil(n / BNB_OPT_BLOCK) if n >= BNB_MIN_8BIT_SIZE else 8 * n for n in tensors)
+    if "bnb" in name or "32bit" in name or "paged" in name:
+        return 8 * sum(tensors)
+    if name.startswith("adamw") or name.startswith("adam") or name in ("lion", "adalomo"):
+        factor = 1 if name in ("lion", "adalomo") else 2
+        return factor * param_bytes * sum(tensors)
+    if name == "sgd":
+        return 0
+    if name == "adafactor":
+        return 4 * sum(2 * math.isqrt(n) for n in tensors)  # rows + columns of a roughly square factorisation
+    raise UserError(
+        f"training.optim: the planner has no formula for optimizer {optim!r}; use adamw_torch or paged_adamw_8bit"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Activations
+
+
+def layer_activation_bytes(
+    shape: Shape,
+    act_bytes: int,
+    r: int,
+    targets: list[str],
+    lora_dropout: float,
+    attn_implementation: str,
+    length: int,
+) -> int:
+    """Bytes one decoder layer saves for backward, per token (Korthikanti et al. 2022, adapted to Llama layers).
+
+    e = act_bytes (the compute dtype). Per token:
+      attention half: RMSNorm input h*e + its fp32 upcast and normalised copy 2*h*4 + q/k/v input h*e
+                      + q, k, v after RoPE (q + 2*kv)*e + attention output q*e (o_proj input)
+      MLP half:       RMSNorm h*e + 2*h*4 + gate/up input h*e + gate, up, SiLU(gate), product 4*i*e
+      LoRA:           per target, the dropout output in*e and its mask in*1 (only when dropout > 0), and A's output r*e
+      eager attention also keeps scores and probabilities, 2*heads*length*e (sdpa/flash keep none).
+    """
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attention = h * act_bytes + 2 * h * 4 + h * act_bytes + (q + 2 * kv) * act_bytes + q * act_bytes
+    mlp = h * act_bytes + 2 * h * 4 + h * act_bytes + 4 * i * act_bytes
+    linears = shape.linears()
+    lora = sum((linears[t][0] * (act_bytes + 1) if lora_dropout > 0 else 0) + r * act_bytes for t in targets)
+    scores = 2 * shape.heads * length * act_bytes if attn_implementation == "eager" else 0
+    return attention + mlp + lora + scores
+
+
+def logits_bytes(shape: Shape, act_bytes: int) -> int:
+    """Per token: logits in the compute dtype, the fp32 copy the loss takes (none if already fp32), its fp32 grad."""
+    return shape.vocab * (act_bytes + (4 if act_bytes != 4 else 0) + 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Plan:
+    """A predicted memory breakdown in bytes, and whether it fits."""
+
+    model: str
+    batch_size: int
+    length: int
+    parts: dict[str, int]
+    params: dict[str, int]
+    budget_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.budget_bytes is None else self.total <= self.budget_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "batch_size": self.batch_size,
+            "length": self.length,
+            "parts": self.parts,
+            "params": self.params,
+            "total_bytes": self.total,
+            "budget_bytes": self.budget_bytes,
+            "fits": self.fits,
+            "notes": self.notes,
+            "suggestions": self.suggestions,
+        }
+
+
+@dataclass
+class Settings:
+    """The recipe values memory depends on (kept separate so the formulas can be tested without a recipe)."""
+
+    bits: int | None = 4
+    double_quant: bool = True
+    compute_bytes: int = 2
+    r: int = 16
+    targets: list[str] = field(default_factory=lambda: list(LORA_ALL_LINEAR))
+    lora_dropout: float = 0.05
+    optim: str = "adamw_torch"
+    batch_size: int = 1
+    length: int = 2048
+    gradient_checkpointing: bool = True
+    attn_implementation: str = "sdpa"
+    # trl casts LoRA weights to bf16 for quantized models (qlora-kit keeps them fp32 unless the compute is bf16).
+    lora_bytes: int = 2
+    # peft's prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32.
+    unquantized_bytes: int = 4
+
+
+def predict(shape: Shape, s: Settings) -> Plan:
+    """The memory breakdown for one micro-batch of ``batch_size`` sequences of ``length`` tokens (packed: full)."""
+    lora = lora_tensors(shape, s.r, s.targets)
+    lora_params = sum(lora)
+    tokens = s.batch_size * s.length
+    per_layer = layer_activation_bytes(
+        shape, s.compute_bytes, s.r, s.targets, s.lora_dropout, s.attn_implementation, s.length
+    )
+    if s.gradient_checkpointing:
+        # Non-reentrant checkpointing keeps each layer's input (h*e per token) and recomputes one layer at a time.
+        activations = tokens * (shape.layers * shape.hidden * s.compute_bytes + per_layer)
+    else:
+        activations = tokens * shape.layers * per_layer
+    parts = {
+        "quantized_weights": quantized_weight_bytes(shape, s.bits, s.double_quant, s.compute_bytes),
+        "unquantized_weights": sum(shape.other_params().values()) * s.unquantized_bytes,
+        "lora_weights": lora_params * s.lora_bytes,
+        "gradients": lora_params * s.lora_bytes,
+        "optimizer_states": optimizer_bytes(lora, s.optim, s.lora_bytes),
+        "activations": activations,
+        "logits": tokens * logits_bytes(shape, s.compute_bytes),
+    }
+    params = {
+        "quantized": shape.linear_params(),
+        "unquantized": sum(shape.other_params().values()),
+        "lora": lora_params,
+        "total": shape.total_params() + lora_params,
+    }
+    return Plan(model=shape.name, batch_size=s.batch_size, length=s.length, parts=parts, params=params)
+
+
+def settings_from_recipe(recipe, on_gpu: bool) -> Settings:
+    """Read the memory-relevant values out of a validated recipe, resolving 'auto' dtypes for the target machine."""
+    from qlora_kit.recipe import training_args
+
+    args = training_args(recipe)
+    quant = recipe.quantization
+    compute = quant.bnb_4bit_compute_dtype
+    if compute == "auto":
+        compute = "bfloat16" if on_gpu else "float32"
+    bits = 4 if quant.load_in_4bit else 8 if quant.load_in_8bit else None
+    compute_bytes = DTYPE_BYTES[compute]
+    weights = recipe.model.dtype if recipe.model.dtype != "auto" else compute
+    return Settings(
+        bits=bits,
+        double_quant=quant.bnb_4bit_use_double_quant,
+        compute_bytes=compute_bytes,
+        r=recipe.lora.r,
+        targets=lora_targets(recipe.lora.target_modules),
+        lora_dropout=recipe.lora.lora_dropout,
+        optim=str(args.get("optim") or default_optimizer()),
+        batch_size=int(args["per_device_train_batch_size"]),
+        length=recipe.data.max_length,
+        gradient_checkpointing=bool(args.get("gradient_checkpointing", True)),
+        attn_implementation=recipe.model.attn_implementation,
+        lora_bytes=2 if compute == "bfloat16" else 4,
+        unquantized_bytes=4 if bits else DTYPE_BYTES[weights],
+    )
+
+
+def default_optimizer() -> str:
+    from transformers import TrainingArguments
+
+    return str(
+        getattr(
+            TrainingArguments.__dataclass_fields__["optim"].default,
+            "value",
+            TrainingArguments.__dataclass_fields__["optim"].default,
+        )
+    )
+
+
+def parse_memory(text: str) -> int:
+    """'80GiB', '80GB', '24G', '512MiB' -> bytes (G and GiB are binary, GB is decimal)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match or not match.group(1).replace(".", "", 1).isdigit():
+        raise UserError(f"--gpu-memory: cannot read {text!r}: write e.g. 80GiB, 24GB or 48G")
+    number, prefix, suffix = float(match.group(1)), match.group(2), match.group(3)
+    power = "_kmgt".index(prefix) if prefix else 0
+    base = 1000 if suffix == "b" else 1024
+    return int(number * base**power)
+
+
+# Left free for the CUDA context, cuBLAS workspaces and allocator fragmentation, none of which is in the breakdown.
+HEADROOM_BYTES = GIB
+
+
+def plan_recipe(recipe, budget_bytes: int | None = None, on_gpu: bool | None = None) -> Plan:
+    """Predict the recipe's peak memory; with a budget, say whether it fits and which batch or length does."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+    config, source = read_config(recipe.model.name_or_path)
+    shape = Shape.from_config(config, name=source)
+    settings = settings_from_recipe(recipe, on_gpu)
+    result = predict(shape, settings)
+    result.notes.append(f"config from {source}; compute {settings.compute_bytes * 8}-bit, optimizer {settings.optim}")
+    if budget_bytes is not None:
+        result.budget_bytes = budget_bytes - HEADROOM_BYTES
+        if not result.fits:
+            result.suggestions = suggest(shape, settings, result.budget_bytes)
+    return result
+
+
+def suggest(shape: Shape, s: Settings, budget: int) -> list[str]:
+    """Smaller batch sizes at the same length, then shorter lengths at batch 1, then checkpointing if it is off."""
+    from dataclasses import replace
+
+    tips = []
+    for batch in _halvings(s.batch_size):
+        if predict(shape, replace(s, batch_size=batch)).total <= budget:
+            accumulation = math.ceil(s.batch_size / batch)
+            tips.append(
+                f"per_device_train_batch_size={batch} fits at length {s.length} "
+                f"(gradient_accumulation_steps x{accumulation} keeps the effective batch)"
+            )
+            return tips
+    if not s.gradient_checkpointing and predict(shape, replace(s, gradient_checkpointing=True)).total <= budget:
+        tips.append("training.gradient_checkpointing=true makes it fit")
+    for length in _halvings(s.length):
+        if predict(shape, replace(s, batch_size=1, length=length)).total <= budget:
+            tips.append(f"data.max_length={length} fits at per_device_train_batch_size=1")
+            break
+    if not tips:
+        tips.append("nothing fits: the weights alone exceed the budget; use a smaller model or a larger GPU")
+    return tips
+
+
+def _halvings(start: int) -> list[int]:
+    values, value = [], start // 2
+    while value >= 1:
+        values.append(value)
+        value //= 2
+    return values

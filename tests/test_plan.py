@@ -1,0 +1,170 @@
+"""The memory planner: formulas against hand-computed cases, 4-bit bytes against what bitsandbytes really allocates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qlora_kit import model as model_stage
+from qlora_kit import plan
+from qlora_kit.bench import measured_quantized_bytes
+from qlora_kit.cli import main
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import load_recipe
+
+from .conftest import tiny_recipe
+
+# LLaMA-1 shapes from the LLaMA paper (Touvron et al. 2023, table 2), as the QLoRA paper used them.
+LLAMA_7B = plan.Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, head_dim=128, vocab=32000)
+LLAMA_65B = plan.Shape(hidden=8192, intermediate=22016, layers=80, heads=64, kv_heads=64, head_dim=128, vocab=32000)
+
+
+def test_quantization_constant_bits_match_the_qlora_paper():
+    # QLoRA section 3: 32/64 = 0.5 bits per parameter without double quantization, 8/64 + 32/(64*256) = 0.127 with.
+    assert plan.constant_bits_per_param(False) == 0.5
+    assert plan.constant_bits_per_param(True) == pytest.approx(0.127, abs=5e-4)
+
+
+def test_double_quantization_saves_about_3gb_on_65b():
+    # QLoRA section 3: "a reduction of 0.373 bits per parameter ... around 3 GB for a 65B model".
+    with_dq = plan.quantized_weight_bytes(LLAMA_65B, 4, True, 2)
+    without = plan.quantized_weight_bytes(LLAMA_65B, 4, False, 2)
+    assert LLAMA_65B.linear_params() == 80 * (4 * 8192**2 + 3 * 8192 * 22016) == 64_760_053_760
+    assert (without - with_dq) / 1e9 == pytest.approx(3.0, abs=0.05)
+
+
+def test_llama_7b_weight_breakdown_by_hand():
+    n = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # 6,476,005,376 weights in the decoder linears
+    assert LLAMA_7B.linear_params() == n
+    per_layer = [4096 * 4096] * 4 + [4096 * 11008] * 3
+    # Per tensor: n/2 packed bytes + n/64 8-bit absmax + 4 * ceil(n/64/256) fp32 + 4 offset + 64 NF4 code book
+    # + 1024 second-level code book.
+    by_hand = 32 * sum(m // 2 + m // 64 + 4 * -(-(m // 64) // 256) + 4 + 64 + 1024 for m in per_layer)
+    assert plan.quantized_weight_bytes(LLAMA_7B, 4, True, 2) == by_hand
+    assert by_hand / 2**30 == pytest.approx(3.11, abs=0.01)  # 4.127 bits x 6.48e9 / 8
+    others = LLAMA_7B.other_params()
+    assert others["embed_tokens"] == others["lm_head"] == 32000 * 4096
+    assert others["norms"] == 65 * 4096
+    # The whole 4-bit base with 16-bit embeddings: the QLoRA paper's "about 4 GB ... 7B" scale, far from 13.5 GB.
+    base = by_hand + 2 * sum(others.values())
+    assert 3.6e9 < base < 4.0e9
+
+
+def test_lora_gradients_and_optimizer_by_hand():
+    shape = plan.Shape.from_config(plan.arch_config("arch:llama-3.1-8b"))
+    lora = plan.lora_tensors(shape, 16, list(plan.LORA_ALL_LINEAR))
+    # Per layer r * sum(in + out): q 8192, k 5120, v 5120, o 8192, gate 18432, up 18432, down 18432 -> 81920 x 16.
+    assert sum(lora) == 32 * 16 * 81920 == 41_943_040  # what peft prints for Llama-3.1-8B, r=16, all-linear
+    assert plan.optimizer_bytes(lora, "adamw_torch", 2) == 2 * 2 * 41_943_040  # exp_avg + exp_avg_sq in bf16
+    assert plan.optimizer_bytes(lora, "paged_adamw_8bit", 2) == sum(2 * n + 8 * -(-n // 256) for n in lora)
+    assert plan.optimizer_bytes([100], "paged_adamw_8bit", 2) == 800  # under min_8bit_size: fp32 states
+    assert plan.optimizer_bytes([1000], "paged_adamw_32bit", 2) == 8000
+    with pytest.raises(UserError, match="training.optim"):
+        plan.optimizer_bytes([10], "shampoo", 2)
+
+
+def test_activation_formula_by_hand():
+    shape = plan.Shape(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, head_dim=16, vocab=100)
+    e, r = 2, 8
+    targets = ["q_proj", "v_proj"]
+    # attention: 64e + 2*64*4 + 64e + (64 + 2*32)e + 64e; MLP: 64e + 2*64*4 + 64e + 4*128e
+    base = (64 + 64 + 128 + 64) * e + 512 + (64 + 64 + 512) * e + 512
+    # LoRA with dropout: per target the input copy (64e) and mask (64), and A's output r*e.
+    lora = 2 * (64 * e + 64 + r * e)
+    got = plan.layer_activation_bytes(shape, e, r, targets, 0.1, "sdpa", 256)
+    assert got == base + lora
+    assert plan.layer_activation_bytes(shape, e, r, targets, 0.0, "sdpa", 256) == base + 2 * r * e
+    assert plan.layer_activation_bytes(shape, e, r, targets, 0.0, "eager", 256) == base + 2 * r * e + 2 * 4 * 256 * e
+    settings = plan.Settings(r=r, targets=targets, lora_dropout=0.0, batch_size=2, length=10, compute_bytes=e)
+    checkpointed = plan.predict(shape, settings).parts["activations"]
+    full = plan.predict(shape, plan.Settings(**{**settings.__dict__, "gradient_checkpointing": False}))
+    assert checkpointed == 20 * (2 * 64 * e + base + 2 * r * e)  # each layer's input kept, one layer recomputed
+    assert full.parts["activations"] == 20 * 2 * (base + 2 * r * e)
+    assert full.parts["logits"] == 20 * 100 * (2 + 4 + 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("llama-3.1-8b", 8_030_261_248),
+        ("qwen2.5-7b", 7_615_616_512),
+        ("mistral-7b", 7_241_732_096),
+        ("llama-3.1-70b", 70_553_706_496),
+    ],
+)
+def test_shipped_architectures_have_the_published_sizes(name, params):
+    shape = plan.Shape.from_config(plan.arch_config(f"{plan.ARCH_PREFIX}{name}"))
+    assert shape.total_params() == params
+
+
+def test_planned_4bit_bytes_match_bitsandbytes(tmp_path, tiny_model_dir, arithmetic_rows):
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows))
+    model = model_stage.load_base_model(recipe)
+    measured = measured_quantized_bytes(model)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    predicted = plan.quantized_weight_bytes(plan.Shape.from_config(config), 4, True, 4)
+    assert measured > 0
+    assert abs(predicted - measured) / measured < 0.05, (predicted, measured)
+
+
+def test_read_config_by_folder_arch_and_hub_name(tiny_model_dir):
+    config, source = plan.read_config(str(tiny_model_dir))
+    assert source.endswith("config.json") and config["hidden_size"] == 64
+    assert plan.read_config("meta-llama/Llama-3.1-8B-Instruct")[1] == "arch:llama-3.1-8b"
+    assert plan.read_config("mistralai/Mistral-7B-v0.1")[1] == "arch:mistral-7b"
+    assert plan.read_config("Qwen/Qwen2.5-7B")[0]["hidden_size"] == 3584
+    assert plan.arch_config("arch:llama-3.1-8b,num_hidden_layers=2")["num_hidden_layers"] == 2
+    with pytest.raises(UserError, match="model.name_or_path.*arch:llama-3.1-8b"):
+        plan.read_config("someone/unknown-model")
+    with pytest.raises(UserError, match="unknown architecture"):
+        plan.arch_config("arch:gpt-9")
+    with pytest.raises(UserError, match="key=value"):
+        plan.arch_config("arch:llama-3.1-8b,layers=2")
+
+
+def test_parse_memory():
+    assert plan.parse_memory("80GiB") == 80 * 2**30
+    assert plan.parse_memory("24GB") == 24 * 10**9
+    assert plan.parse_memory("48G") == 48 * 2**30
+    with pytest.raises(UserError, match="--gpu-memory"):
+        plan.parse_memory("lots")
+
+
+def _recipe_8b(tmp_path, **training):
+    import yaml
+
+    (tmp_path / "t.jsonl").write_text('{"text": "x"}\n')
+    raw = {
+        "model": {"name_or_path": "meta-llama/Llama-3.1-8B"},
+        "data": {"train": [{"path": str(tmp_path / "t.jsonl")}], "max_length": 2048},
+        "training": {"per_device_train_batch_size": 8, **training},
+    }
+    path = tmp_path / "r8b.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_plan_fits_and_suggests(tmp_path):
+    recipe = load_recipe(_recipe_8b(tmp_path))
+    big = plan.plan_recipe(recipe, 80 * 2**30, on_gpu=True)
+    assert big.fits and not big.suggestions
+    parts = big.parts
+    assert parts["quantized_weights"] / 1e9 == pytest.approx(3.60, abs=0.01)
+    assert parts["unquantized_weights"] / 1e9 == pytest.approx(4.20, abs=0.01)
+    small = plan.plan_recipe(recipe, 16 * 2**30, on_gpu=True)
+    assert small.fits is False
+    assert any("per_device_train_batch_size=" in tip for tip in small.suggestions), small.suggestions
+    tiny = plan.plan_recipe(recipe, 6 * 2**30, on_gpu=True)
+    assert tiny.suggestions and "nothing fits" in tiny.suggestions[-1]
+
+
+def test_plan_cli(tmp_path, capsys):
+    path = _recipe_8b(tmp_path)
+    assert main(["plan", str(path), "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "quantized_weights" in out and "fits" in out and "does not fit" not in out
+    assert main(["plan", str(path), "--gpu-memory", "12GB", "training.optim=paged_adamw_8bit"]) == 0
+    assert "does not fit" in capsys.readouterr().out
+    assert main(["plan", str(path), "--gpu-memory", "many"]) == 2
+    assert "--gpu-memory" in capsys.readouterr().err
