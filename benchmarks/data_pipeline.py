@@ -29,8 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ("the a of to and in is it that for on with as was by at be this from or an are not have one all can "
-         "number plus minus answer question model data train token word cat dog river mountain city light").split()
+WORDS = (
+    "the a of to and in is it that for on with as was by at be this from or an are not have one all can "
+    "number plus minus answer question model data train token word cat dog river mountain city light"
+).split()
 
 # ChatML with generation markers: what trl's assistant_only_loss needs; renders the same text as qlora-kit's chatml.
 CHATML_GENERATION = (
@@ -68,11 +70,17 @@ def run_qlora_kit(data_file: Path, tokenizer_dir: str, cache_dir: Path, max_leng
     from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import validate
 
-    recipe = validate({
-        "model": {"name_or_path": tokenizer_dir, "chat_template": "chatml"},
-        "data": {"train": [{"path": str(data_file), "format": "messages"}], "max_length": max_length,
-                 "cache_dir": str(cache_dir), "num_proc": num_proc},
-    })
+    recipe = validate(
+        {
+            "model": {"name_or_path": tokenizer_dir, "chat_template": "chatml"},
+            "data": {
+                "train": [{"path": str(data_file), "format": "messages"}],
+                "max_length": max_length,
+                "cache_dir": str(cache_dir),
+                "num_proc": num_proc,
+            },
+        }
+    )
     tokenizer = load_tokenizer(recipe)
     cold, cold_s = timed(lambda: build_datasets(recipe, tokenizer, show_progress=False))
     warm, warm_s = timed(lambda: build_datasets(recipe, tokenizer, show_progress=False))
@@ -83,9 +91,17 @@ def run_qlora_kit(data_file: Path, tokenizer_dir: str, cache_dir: Path, max_leng
 def tiny_model(tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -97,12 +113,19 @@ def run_trl(data_file: Path, tokenizer_dir: str, datasets_cache: Path, out: Path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.chat_template = CHATML_GENERATION
     model = tiny_model(tokenizer)
-    args = SFTConfig(output_dir=str(out), max_length=max_length, assistant_only_loss=True, report_to="none",
-                     dataset_num_proc=num_proc if num_proc > 1 else None, use_cpu=True)
+    args = SFTConfig(
+        output_dir=str(out),
+        max_length=max_length,
+        assistant_only_loss=True,
+        report_to="none",
+        dataset_num_proc=num_proc if num_proc > 1 else None,
+        use_cpu=True,
+    )
 
     def prepare():
-        dataset = datasets.load_dataset("json", data_files=str(data_file), split="train",
-                                        cache_dir=str(datasets_cache))
+        dataset = datasets.load_dataset(
+            "json", data_files=str(data_file), split="train", cache_dir=str(datasets_cache)
+        )
         return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
 
     cold, cold_s = timed(prepare)
@@ -114,8 +137,9 @@ def compare(ours, theirs, sample: int = 2000) -> float:
     """Share of sampled rows where both pipelines give identical input_ids and labels."""
     count = min(sample, len(ours), len(theirs))
     a, b = ours.select(range(count)), theirs.select(range(count))
-    same = sum(x == y and p == q for x, y, p, q in zip(a["input_ids"], b["input_ids"], a["labels"], b["labels"],
-                                                        strict=True))
+    same = sum(
+        x == y and p == q for x, y, p, q in zip(a["input_ids"], b["input_ids"], a["labels"], b["labels"], strict=True)
+    )
     return same / count if count else 0.0
 
 
@@ -135,8 +159,9 @@ def main() -> int:
         data_file = tmp_path / "conversations.jsonl"
         generate(data_file, args.rows)
         ours = run_qlora_kit(data_file, args.tokenizer, tmp_path / "qlora-kit-cache", args.max_length, num_proc)
-        theirs = run_trl(data_file, args.tokenizer, tmp_path / "datasets-cache", tmp_path / "trl-out",
-                         args.max_length, num_proc)
+        theirs = run_trl(
+            data_file, args.tokenizer, tmp_path / "datasets-cache", tmp_path / "trl-out", args.max_length, num_proc
+        )
         report(args, num_proc, data_file, ours, theirs)
     return 0
 
@@ -146,19 +171,28 @@ def report(args, num_proc: int, data_file: Path, ours, theirs) -> None:
 
     our_tokens = ours[0].stats.tokens
     their_tokens = sum(len(ids) for ids in theirs[0]["input_ids"])
-    lines = [f"{args.rows:,} conversations ({data_file.stat().st_size / 2**20:.1f} MiB JSONL), max_length "
-             f"{args.max_length}, {num_proc} process(es), tokenizer {args.tokenizer}",
-             "versions: " + ", ".join(f"{n} {version(n)}" for n in ("transformers", "tokenizers", "trl", "datasets")),
-             "| run | seconds | rows/s | tokens/s |", "|---|---:|---:|---:|"]
-    runs = {"qlora-kit cold": (ours[1], our_tokens), "qlora-kit cached": (ours[3], our_tokens),
-            "trl SFTTrainer cold": (theirs[1], their_tokens), "trl SFTTrainer cached": (theirs[3], their_tokens)}
+    lines = [
+        f"{args.rows:,} conversations ({data_file.stat().st_size / 2**20:.1f} MiB JSONL), max_length "
+        f"{args.max_length}, {num_proc} process(es), tokenizer {args.tokenizer}",
+        "versions: " + ", ".join(f"{n} {version(n)}" for n in ("transformers", "tokenizers", "trl", "datasets")),
+        "| run | seconds | rows/s | tokens/s |",
+        "|---|---:|---:|---:|",
+    ]
+    runs = {
+        "qlora-kit cold": (ours[1], our_tokens),
+        "qlora-kit cached": (ours[3], our_tokens),
+        "trl SFTTrainer cold": (theirs[1], their_tokens),
+        "trl SFTTrainer cached": (theirs[3], their_tokens),
+    }
     for name, (seconds, tokens) in runs.items():
         lines.append(f"| {name} | {seconds:.2f} | {args.rows / seconds:,.0f} | {tokens / seconds:,.0f} |")
-    lines += [f"ratios: qlora-kit cold / trl cold = {theirs[1] / ours[1]:.2f}x speed; qlora-kit cached / trl cached = "
-              f"{theirs[3] / ours[3]:.2f}x; qlora-kit cached / qlora-kit cold = {ours[1] / ours[3]:.1f}x",
-              f"same tokens and labels as trl on a {min(2000, len(ours[0].train))}-row sample: "
-              f"{compare(ours[0].train, theirs[0]):.1%}; examples {len(ours[0].train):,} vs {len(theirs[0]):,}; "
-              f"tokens {our_tokens:,} vs {their_tokens:,}"]
+    lines += [
+        f"ratios: qlora-kit cold / trl cold = {theirs[1] / ours[1]:.2f}x speed; qlora-kit cached / trl cached = "
+        f"{theirs[3] / ours[3]:.2f}x; qlora-kit cached / qlora-kit cold = {ours[1] / ours[3]:.1f}x",
+        f"same tokens and labels as trl on a {min(2000, len(ours[0].train))}-row sample: "
+        f"{compare(ours[0].train, theirs[0]):.1%}; examples {len(ours[0].train):,} vs {len(theirs[0]):,}; "
+        f"tokens {our_tokens:,} vs {their_tokens:,}",
+    ]
     print("\n".join(lines))
 
 

@@ -71,8 +71,15 @@ def main() -> int:
     for batch_size in args.batch_sizes:
         outputs, tokens, seconds = measure(model, tokenizer, encoded, batch_size, args.max_new_tokens)
         reference = reference if reference is not None else outputs
-        results.append({"batch_size": batch_size, "tokens": tokens, "seconds": round(seconds, 2),
-                        "tokens_per_s": round(tokens / seconds, 1), "same_as_first": outputs == reference})
+        results.append(
+            {
+                "batch_size": batch_size,
+                "tokens": tokens,
+                "seconds": round(seconds, 2),
+                "tokens_per_s": round(tokens / seconds, 1),
+                "same_as_first": outputs == reference,
+            }
+        )
         print(json.dumps(results[-1]), flush=True)
     report = markdown(args, prompts, results)
     print(report)
@@ -99,8 +106,10 @@ def markdown(args: argparse.Namespace, prompts: list[str], results: list[dict]) 
         "|---:|---:|---:|---:|---:|---|",
     ]
     for row in results:
-        lines.append(f"| {row['batch_size']} | {row['tokens']} | {row['seconds']} | {row['tokens_per_s']} | "
-                     f"{row['tokens_per_s'] / first:.1f}× | {'yes' if row['same_as_first'] else 'NO'} |")
+        lines.append(
+            f"| {row['batch_size']} | {row['tokens']} | {row['seconds']} | {row['tokens_per_s']} | "
+            f"{row['tokens_per_s'] / first:.1f}× | {'yes' if row['same_as_first'] else 'NO'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -20,7 +20,9 @@ def _console():
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="path to a YAML recipe")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=5")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. training.max_steps=5"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(train)
     train.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
     train.add_argument("--force", action="store_true", help="replace an existing run directory")
-    train.add_argument("--resume", nargs="?", const=True, default=None, metavar="PATH",
-                       help="continue an unfinished run from its latest checkpoint, or from the checkpoint at PATH")
-    train.add_argument("--accelerate-profile", metavar="NAME",
-                       help="launch under an accelerate profile: single_gpu, ddp, fsdp_qlora, zero3, multi_node "
-                       "(recipes/accelerate) or a config path; overrides launch.accelerate_profile")
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="PATH",
+        help="continue an unfinished run from its latest checkpoint, or from the checkpoint at PATH",
+    )
+    train.add_argument(
+        "--accelerate-profile",
+        metavar="NAME",
+        help="launch under an accelerate profile: single_gpu, ddp, fsdp_qlora, zero3, multi_node "
+        "(recipes/accelerate) or a config path; overrides launch.accelerate_profile",
+    )
 
     data = commands.add_parser("data", help="prepare the data; show examples with the trained tokens, and statistics")
     _add_recipe_args(data)
@@ -48,8 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="merge a run's adapter into its base: a plain, verified model")
     merge.add_argument("run_dir", help="run directory written by `qlora-kit train`")
-    merge.add_argument("overrides", nargs="*", metavar="key=value",
-                       help="merge fields (strategy=original, dtype=bfloat16, verify=false) or dotted recipe keys")
+    merge.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="merge fields (strategy=original, dtype=bfloat16, verify=false) or dotted recipe keys",
+    )
     merge.add_argument("--output", help="output folder (default: RUN_DIR/merged)")
     merge.add_argument("--force", action="store_true", help="replace an existing output folder")
 
@@ -128,8 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.rule(f"qlora-kit train · {args.recipe}")
         model, run = recipe.model.name_or_path, recipe.output_dir
         console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
-    result = train(recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console),
-                   resume=args.resume)
+    result = train(
+        recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console), resume=args.resume
+    )
     return 0 if result.run_dir.exists() or not _is_main_process() else 1
 
 
@@ -145,8 +161,14 @@ def cmd_data(args: argparse.Namespace) -> int:
     prepared = build_datasets(recipe, tokenizer, show_progress=console.is_terminal)
     preview.show_examples(console, tokenizer, prepared, args.examples, plain)
     training = training_args(recipe)
-    preview.show_stats(console, prepared, recipe.data.max_length, training["per_device_train_batch_size"],
-                       training.get("packing_strategy", "bfd"), bool(training.get("packing")))
+    preview.show_stats(
+        console,
+        prepared,
+        recipe.data.max_length,
+        training["per_device_train_batch_size"],
+        training.get("packing_strategy", "bfd"),
+        bool(training.get("packing")),
+    )
     return 0
 
 
@@ -161,8 +183,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merge_run(Path(args.run_dir), args.output and Path(args.output), args.overrides, args.force, progress)
     except VerificationFailed as exc:
         progress.show_verification(exc.report["verification"], exc.report["strategy"])
-        print(f"error: verification failed: {exc}; the unverified merge was not published (kept for inspection in "
-              f"{exc.kept})", file=sys.stderr)
+        print(
+            f"error: verification failed: {exc}; the unverified merge was not published (kept for inspection in "
+            f"{exc.kept})",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -173,8 +198,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console = _console()
     console.rule(f"qlora-kit eval · {args.run_dir}")
     with EvalProgress(console) as progress:
-        result = run_eval(Path(args.run_dir), args.overrides, force=args.force,
-                          merged_dir=Path(args.merged) if args.merged else None, progress=progress, log=console.print)
+        result = run_eval(
+            Path(args.run_dir),
+            args.overrides,
+            force=args.force,
+            merged_dir=Path(args.merged) if args.merged else None,
+            progress=progress,
+            log=console.print,
+        )
     show_eval(console, result.report)
     return 0
 
@@ -220,7 +251,8 @@ class TrainProgress:
         console.print(
             f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: loss "
             f"{metrics['train_loss_first']:.3f} → {metrics['train_loss_last']:.3f}, "
-            f"{metrics['tokens_per_second']:.0f} trained tokens/s, peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
+            f"{metrics['tokens_per_second']:.0f} trained tokens/s, "
+            f"peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
         )
         comparison = metrics.get("comparison")
         if comparison:
@@ -247,8 +279,13 @@ class EvalProgress:
     def __init__(self, console) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bars = Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=console)
+        self.bars = Progress(
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
 
     def __enter__(self) -> EvalProgress:
         self.bars.start()
@@ -304,8 +341,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(f"plan for [bold]{args.recipe}[/bold]: {result.model}, batch {result.batch_size} x {result.length}")
     for name, value in result.parts.items():
         console.print(f"  {name:<22}{value / GIB:>9.2f} GiB")
-    console.print(f"  {'total':<22}{result.total / GIB:>9.2f} GiB  (budget {result.budget_bytes / GIB:.2f} GiB "
-                  f"after 1 GiB headroom)")
+    console.print(
+        f"  {'total':<22}{result.total / GIB:>9.2f} GiB  (budget {result.budget_bytes / GIB:.2f} GiB "
+        f"after 1 GiB headroom)"
+    )
     console.print("[green]fits[/green]" if result.fits else "[red]does not fit[/red]")
     for line in result.suggestions + result.notes:
         console.print(f"  {line}")
@@ -326,15 +365,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "train":
         output = Path(args.output_dir or Path("runs") / "bench" / Path(args.recipe).stem)
         check_run_dir(output, args.force)  # before minutes of measuring, not after
-        report = bench.bench_train(args.recipe, args.overrides, args.warmup_steps, args.steps, args.baseline,
-                                   progress=console.print)
+        report = bench.bench_train(
+            args.recipe, args.overrides, args.warmup_steps, args.steps, args.baseline, progress=console.print
+        )
         markdown = bench.train_markdown(report)
     else:
         sizes = _batch_sizes(args.batch_sizes)
         output = Path(args.output_dir or Path("runs") / "bench" / f"{Path(args.path).resolve().name}-generate")
         check_run_dir(output, args.force)
-        report = bench.bench_generate(args.path, sizes, args.prompt_tokens, args.new_tokens, args.repeats,
-                                      progress=console.print)
+        report = bench.bench_generate(
+            args.path, sizes, args.prompt_tokens, args.new_tokens, args.repeats, progress=console.print
+        )
         markdown = bench.generate_markdown(report)
     bench.write_report(report, markdown, output, args.force)
     from rich.markdown import Markdown

@@ -6,7 +6,6 @@ model learns to stop), a chat template for base models that have none, and safet
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +14,13 @@ import torch
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import Recipe
 
-
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = "chatml"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
 
 def compute_dtype(recipe: Recipe) -> torch.dtype:
-    """The matmul dtype: the recipe's, or bf16 on a GPU that supports it and float32 elsewhere (never fp16 silently)."""
+    """The matmul dtype: the recipe's, or bf16 on a GPU that has it and float32 elsewhere (never fp16 silently)."""
     name = recipe.quantization.bnb_4bit_compute_dtype
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
@@ -118,7 +116,9 @@ def read_template(choice: str) -> str:
     if "{%" in choice or "{{" in choice:
         return choice
     names = ", ".join(shipped_templates())
-    raise UserError(f"model.chat_template: unknown template {choice!r}: use one of {names}, or a path to a .jinja file")
+    raise UserError(
+        f"model.chat_template: unknown template {choice!r}: use one of {names}, or a path to a .jinja file"
+    )
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
@@ -177,7 +177,9 @@ def load_base_model(recipe: Recipe, tokenizer=None):
         model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
         hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
-        raise UserError(f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}{hint}") from None
+        raise UserError(
+            f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}{hint}"
+        ) from None
     if compute_dtype(recipe) == torch.float32:
         keep_float32_inference(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

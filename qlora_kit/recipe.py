@@ -70,15 +70,20 @@ class ModelSection(Section):
     name_or_path: str = Field(description="Hub model id or local directory of the pretrained causal LM.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     tokenizer_name_or_path: str | None = Field(None, description="Tokenizer to use, when not the model's own.")
-    dtype: Dtype = Field("auto", description="dtype of the weights that stay unquantized; auto follows the compute dtype.")
+    dtype: Dtype = Field(
+        "auto", description="dtype of the weights that stay unquantized; auto follows the compute dtype."
+    )
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] = Field(
         "sdpa", description="Attention kernel passed to from_pretrained."
     )
-    trust_remote_code: bool = Field(False, description="Run model code shipped in the checkpoint. Off unless you trust it.")
+    trust_remote_code: bool = Field(
+        False, description="Run model code shipped in the checkpoint. Off unless you trust it."
+    )
     allow_pickle: bool = Field(False, description="Allow .bin/.pt (pickle) weights; by default only safetensors load.")
     chat_template: str | None = Field(
         None,
-        description="Chat template: a name shipped with qlora-kit (e.g. chatml), a path to a .jinja file, or empty for "
+        description="Chat template: a name shipped with qlora-kit (e.g. chatml), a path to a .jinja file, or empty "
+        "for "
         "the tokenizer's own (ChatML when it has none).",
     )
 
@@ -87,7 +92,9 @@ class QuantizationSection(Section):
     load_in_4bit: bool = Field(True, description="Load the base in 4-bit (QLoRA).")
     load_in_8bit: bool = Field(False, description="Load the base in 8-bit instead (for comparison).")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
-    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too (saves ~0.37 bit/param).")
+    bnb_4bit_use_double_quant: bool = Field(
+        True, description="Quantize the quantization constants too (saves ~0.37 bit/param)."
+    )
     bnb_4bit_compute_dtype: Dtype = Field(
         "auto", description="dtype of the matmuls; auto = bfloat16 on a GPU that has it, float32 otherwise."
     )
@@ -98,7 +105,9 @@ class QuantizationSection(Section):
     @model_validator(mode="after")
     def _one_mode(self) -> QuantizationSection:
         if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("load_in_4bit and load_in_8bit are both true: choose one (or neither for no quantization)")
+            raise ValueError(
+                "load_in_4bit and load_in_8bit are both true: choose one (or neither for no quantization)"
+            )
         return self
 
 
@@ -106,7 +115,9 @@ class LoraSection(Section):
     r: int = Field(16, gt=0, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r)).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field("all-linear", description="Modules to adapt: all-linear or a list of names.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules to adapt: all-linear or a list of names."
+    )
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     modules_to_save: list[str] | None = Field(None, description="Modules trained in full and saved with the adapter.")
@@ -176,7 +187,9 @@ class LmEvalSection(Section):
     limit: float | None = Field(
         None, gt=0, description="Examples per task (an integer), or a fraction of each task below 1; empty for all."
     )
-    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; empty keeps the task's own.")
+    num_fewshot: int | None = Field(
+        None, ge=0, description="Few-shot examples per prompt; empty keeps the task's own."
+    )
     batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
     include_path: str | None = Field(None, description="Folder of extra task YAML files (your own tasks).")
     include_defaults: bool = Field(True, description="Also index lm-eval's built-in tasks (takes a few seconds).")
@@ -199,8 +212,10 @@ class EvalSection(Section):
     seed: int = Field(42, description="Seed set before each model generates, so sampled runs compare like for like.")
     lm_eval: LmEvalSection = Field(default_factory=LmEvalSection, description="lm-evaluation-harness benchmarks.")
     callback_steps: int = Field(
-        0, ge=0, description="During training, generate on held-out prompts every this many steps and log "
-        "eval_exact_match; 0 turns it off."
+        0,
+        ge=0,
+        description="During training, generate on held-out prompts every this many steps and log "
+        "eval_exact_match; 0 turns it off.",
     )
     callback_samples: int = Field(8, gt=0, description="Held-out prompts the in-training generation eval uses.")
 
@@ -253,15 +268,18 @@ class MergeSection(Section):
     max_abs_logit_diff: float = Field(1.0, gt=0, description="Most allowed max |logit difference|.")
     mean_abs_logit_diff: float = Field(0.05, gt=0, description="Most allowed mean |logit difference|.")
     max_loss_diff: float = Field(
-        0.01, gt=0, description="Most allowed |held-out loss difference| (merged vs adapter, and adapter now vs "
-        "the loss recorded at training time, which catches a changed base)."
+        0.01,
+        gt=0,
+        description="Most allowed |held-out loss difference| (merged vs adapter, and adapter now vs "
+        "the loss recorded at training time, which catches a changed base).",
     )
     min_generation_agreement: float = Field(
         0.75, ge=0, le=1, description="Least fraction of greedy generations identical to the adapter's."
     )
     enforce_thresholds: bool | None = Field(
-        None, description="Fail the merge beyond a threshold; default true for dequantized, false for original "
-        "(whose difference is expected and only reported)."
+        None,
+        description="Fail the merge beyond a threshold; default true for dequantized, false for original "
+        "(whose difference is expected and only reported).",
     )
 
 
@@ -339,7 +357,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise UserError(f"recipe file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise UserError(f"recipe file {path} must hold a mapping of sections (model, data, ...), not {type(data).__name__}")
+        raise UserError(
+            f"recipe file {path} must hold a mapping of sections (model, data, ...), not {type(data).__name__}"
+        )
     return data
 
 
@@ -452,7 +472,9 @@ def _valid_keys(model: type[BaseModel], raw: Any, loc: tuple) -> list[str]:
         annotation = field.annotation
         candidates = [annotation, *typing.get_args(annotation)]
         nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
-        nested += [a for c in candidates for a in typing.get_args(c) if isinstance(a, type) and issubclass(a, BaseModel)]
+        nested += [
+            a for c in candidates for a in typing.get_args(c) if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
         if not nested:
             return []
         model = nested[0]

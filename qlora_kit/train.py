@@ -89,7 +89,7 @@ def publish(staging: Path, run_dir: Path) -> None:
 
 
 def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool):
-    """trl's SFTConfig from the recipe; precision follows the compute dtype, never a silent fp32 on GPU or bf16 on CPU."""
+    """trl's SFTConfig from the recipe; precision follows the compute dtype (no silent fp32 on GPU or bf16 on CPU)."""
     from trl import SFTConfig
 
     args = training_args(recipe)
@@ -294,8 +294,11 @@ def train(
     runtime = time.perf_counter() - started
     metrics = training_metrics(trainer, runtime, type(trainer).loss_tokens)
     metrics["data"] = prepared.stats.as_dict()
-    metrics["launch"] = {"mode": plan.mode, "processes": trainer.args.world_size,
-                         "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None}
+    metrics["launch"] = {
+        "mode": plan.mode,
+        "processes": trainer.args.world_size,
+        "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None,
+    }
 
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
     if trainer.is_world_process_zero():
@@ -316,8 +319,9 @@ def _run_training(trainer, checkpoint: Path | None, staging: Path) -> None:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
         saved = staging / f"checkpoint-{trainer.state.global_step}"
-        raise checkpoints.TrainingStopped(stopper.signum, trainer.state.global_step,
-                                          saved if checkpoints.is_complete(saved) else None)
+        raise checkpoints.TrainingStopped(
+            stopper.signum, trainer.state.global_step, saved if checkpoints.is_complete(saved) else None
+        )
 
 
 def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
@@ -340,9 +344,11 @@ def _compare(model, tokenizer, prepared, recipe: Recipe, plan: launch.Plan) -> d
         # The main process alone holds only its shard of the weights; the comparison needs the whole model.
         return {"comparison_skipped": f"{plan.mode} shards the model; evaluate the saved adapter instead"}
     pairs = data_stage.eval_prompts(prepared.eval_rows, tokenizer, recipe.eval.num_samples)
-    return {"comparison": compare_base_and_tuned(
-        model, tokenizer, prepared.eval, pairs, recipe.eval.max_examples, recipe.eval.max_new_tokens
-    )}
+    return {
+        "comparison": compare_base_and_tuned(
+            model, tokenizer, prepared.eval, pairs, recipe.eval.max_examples, recipe.eval.max_new_tokens
+        )
+    }
 
 
 def _write_outputs(trainer, recipe: Recipe, staging: Path, metrics: dict[str, Any]) -> None:

@@ -53,8 +53,14 @@ def tiny_model_dir(tmp_path_factory, demo_tokenizer) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    config = tiny_llama_config(demo_tokenizer, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2)
+    config = tiny_llama_config(
+        demo_tokenizer,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     demo_tokenizer.save_pretrained(path)
     return path
@@ -82,8 +88,15 @@ def tiny_recipe(tmp_path: Path, model_dir: Path, rows: list[dict], **training) -
         "model": {"name_or_path": str(model_dir)},
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "data": {"train": [{"path": str(train)}], "eval": {"path": str(held_out)}, "max_length": 64},
-        "training": {"max_steps": 12, "learning_rate": 3e-3, "logging_steps": 1, "per_device_train_batch_size": 8,
-                     "report_to": "none", "save_strategy": "no", **training},
+        "training": {
+            "max_steps": 12,
+            "learning_rate": 3e-3,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 8,
+            "report_to": "none",
+            "save_strategy": "no",
+            **training,
+        },
         "eval": {"num_samples": 2, "max_new_tokens": 4},
     }
     path = tmp_path / "recipe.yaml"
@@ -105,10 +118,20 @@ def save_tiny_causal_lm(path: Path, tokenizer, architecture: str, seed: int = 0,
     import transformers
 
     config_name, specific = TINY_ARCHITECTURES[architecture]
-    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                    initializer_range=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id, **specific)
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **specific,
+    )
     config = getattr(transformers, config_name)(**{**settings, **overrides})
     torch.manual_seed(seed)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
@@ -123,8 +146,9 @@ def tiny_architecture_dir(tmp_path_factory, demo_tokenizer):
 
     def make(architecture: str) -> Path:
         if architecture not in built:
-            built[architecture] = save_tiny_causal_lm(tmp_path_factory.mktemp(architecture), demo_tokenizer,
-                                                      architecture)
+            built[architecture] = save_tiny_causal_lm(
+                tmp_path_factory.mktemp(architecture), demo_tokenizer, architecture
+            )
         return built[architecture]
 
     return make

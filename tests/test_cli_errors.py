@@ -12,8 +12,9 @@ from .conftest import REPO, chat, write_jsonl
 
 
 def run_cli(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qlora_kit", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "qlora_kit", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -30,8 +31,12 @@ def recipe_file(tmp_path, tiny_model_dir):
     train = write_jsonl(tmp_path / "train.jsonl", [chat("hi", "hello")] * 4)
 
     def make(**changes) -> str:
-        recipe = {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": [{"path": str(train)}]},
-                  "training": {"max_steps": 1, "report_to": "none"}, "output_dir": str(tmp_path / "run")}
+        recipe = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": [{"path": str(train)}]},
+            "training": {"max_steps": 1, "report_to": "none"},
+            "output_dir": str(tmp_path / "run"),
+        }
         for key, value in changes.items():
             section, _, field = key.partition("__")
             recipe.setdefault(section, {})[field] = value
@@ -55,8 +60,12 @@ def test_validate_ok_prints_resolved_recipe():
 
 def test_unknown_key_and_negative_learning_rate(recipe_file):
     result = run_cli("validate", recipe_file(), "lora.dropout=0.1", "training.learning_rate=-1")
-    assert_user_error(result, "2 problems", "lora.dropout: unknown key (did you mean 'lora_dropout'?)",
-                      "training.learning_rate: must be > 0")
+    assert_user_error(
+        result,
+        "2 problems",
+        "lora.dropout: unknown key (did you mean 'lora_dropout'?)",
+        "training.learning_rate: must be > 0",
+    )
 
 
 def test_debug_shows_traceback(tmp_path):

@@ -25,13 +25,15 @@ def encode(tokenizer, row: dict, fmt: str):
 
 
 def test_multi_turn_masks_exactly_the_assistant_turns(demo_tokenizer):
-    row = {"messages": [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 2 plus 3?"},
-        {"role": "assistant", "content": "5"},
-        {"role": "user", "content": "And 4 plus 4?"},
-        {"role": "assistant", "content": "8"},
-    ]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is 2 plus 3?"},
+            {"role": "assistant", "content": "5"},
+            {"role": "user", "content": "And 4 plus 4?"},
+            {"role": "assistant", "content": "8"},
+        ]
+    }
     ids, labels = encode(demo_tokenizer, row, "messages")
     pieces = [(demo_tokenizer.decode([t]), label != data.IGNORE_INDEX) for t, label in zip(ids, labels, strict=True)]
     trained_runs, current = [], ""
@@ -112,15 +114,26 @@ def test_local_file_kinds(tmp_path):
         assert data.detect_format(read, "auto", "x") == "text"
 
 
-@pytest.mark.parametrize("content, fmt, match", [
-    ('{"messages": []}\n{"text": ', "auto", r"x.jsonl line 2: not valid JSON"),
-    ('{"prompt": "a"}\n', "prompt_completion", r"x.jsonl line 1: missing column 'completion'"),
-    ('{"messages": [{"role": "robot", "content": "a"}]}\n', "messages", r"line 1: messages\[0\] has unknown role 'robot'"),
-    ('{"messages": []}\n', "messages", r"line 1: 'messages' must be a non-empty list"),
-    ('{"messages": [{"role": "user", "content": "a"}]}\n', "messages", r"line 1: the conversation has no assistant"),
-    ("\n", "auto", r"has no rows"),
-    ('{"foo": 1}\n', "auto", r"cannot tell the format from columns \['foo'\]"),
-])
+@pytest.mark.parametrize(
+    "content, fmt, match",
+    [
+        ('{"messages": []}\n{"text": ', "auto", r"x.jsonl line 2: not valid JSON"),
+        ('{"prompt": "a"}\n', "prompt_completion", r"x.jsonl line 1: missing column 'completion'"),
+        (
+            '{"messages": [{"role": "robot", "content": "a"}]}\n',
+            "messages",
+            r"line 1: messages\[0\] has unknown role 'robot'",
+        ),
+        ('{"messages": []}\n', "messages", r"line 1: 'messages' must be a non-empty list"),
+        (
+            '{"messages": [{"role": "user", "content": "a"}]}\n',
+            "messages",
+            r"line 1: the conversation has no assistant",
+        ),
+        ("\n", "auto", r"has no rows"),
+        ('{"foo": 1}\n', "auto", r"cannot tell the format from columns \['foo'\]"),
+    ],
+)
 def test_bad_rows_name_file_and_line(tmp_path, demo_tokenizer, content, fmt, match):
     path = tmp_path / "x.jsonl"
     path.write_text(content)
@@ -157,37 +170,83 @@ def test_length_policy_is_reported(demo_tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # Shipped chat templates: masks token by token on a multi-turn conversation with a system prompt
 
-TEMPLATE_TOKENS = ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[INST]", "[/INST]", "<start_of_turn>",
-                   "<end_of_turn>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
-CONVERSATION = {"messages": [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "What is 2 plus 3?"},
-    {"role": "assistant", "content": "5"},
-    {"role": "user", "content": "And 4 plus 4?"},
-    {"role": "assistant", "content": "8"},
-]}
+TEMPLATE_TOKENS = [
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "[INST]",
+    "[/INST]",
+    "<start_of_turn>",
+    "<end_of_turn>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|system|>",
+    "<|end|>",
+]
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "5"},
+        {"role": "user", "content": "And 4 plus 4?"},
+        {"role": "assistant", "content": "8"},
+    ]
+}
 E = "<|endoftext|>"  # the demo tokenizer's BOS and EOS
 # (text, trained) pieces of each template's rendering, written out by hand from the formats' documentation.
 EXPECTED = {
-    "chatml": [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
-                "<|im_start|>assistant\n", False), ("5<|im_end|>\n", True),
-               ("<|im_start|>user\nAnd 4 plus 4?<|im_end|>\n<|im_start|>assistant\n", False), ("8<|im_end|>\n", True)],
-    "llama-3": [(f"{E}<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
-                 "<|end_header_id|>\n\nWhat is 2 plus 3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
-                 False), ("5<|eot_id|>", True),
-                ("<|start_header_id|>user<|end_header_id|>\n\nAnd 4 plus 4?<|eot_id|><|start_header_id|>assistant"
-                 "<|end_header_id|>\n\n", False), ("8<|eot_id|>", True)],
-    "mistral": [(f"{E}[INST] Be brief.\n\nWhat is 2 plus 3? [/INST]", False), (f" 5{E}", True),
-                ("[INST] And 4 plus 4? [/INST]", False), (f" 8{E}", True)],
-    "gemma": [(f"{E}<start_of_turn>user\nBe brief.\n\nWhat is 2 plus 3?<end_of_turn>\n<start_of_turn>model\n", False),
-              ("5<end_of_turn>\n", True),
-              ("<start_of_turn>user\nAnd 4 plus 4?<end_of_turn>\n<start_of_turn>model\n", False),
-              ("8<end_of_turn>\n", True)],
-    "phi-3": [("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 plus 3?<|end|>\n<|assistant|>\n", False),
-              ("5<|end|>\n", True), ("<|user|>\nAnd 4 plus 4?<|end|>\n<|assistant|>\n", False), ("8<|end|>\n", True)],
-    "qwen": [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
-              "<|im_start|>assistant\n", False), ("5<|im_end|>\n", True),
-             ("<|im_start|>user\nAnd 4 plus 4?<|im_end|>\n<|im_start|>assistant\n", False), ("8<|im_end|>\n", True)],
+    "chatml": [
+        (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            False,
+        ),
+        ("5<|im_end|>\n", True),
+        ("<|im_start|>user\nAnd 4 plus 4?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("8<|im_end|>\n", True),
+    ],
+    "llama-3": [
+        (
+            f"{E}<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
+            "<|end_header_id|>\n\nWhat is 2 plus 3?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            False,
+        ),
+        ("5<|eot_id|>", True),
+        (
+            "<|start_header_id|>user<|end_header_id|>\n\nAnd 4 plus 4?<|eot_id|><|start_header_id|>assistant"
+            "<|end_header_id|>\n\n",
+            False,
+        ),
+        ("8<|eot_id|>", True),
+    ],
+    "mistral": [
+        (f"{E}[INST] Be brief.\n\nWhat is 2 plus 3? [/INST]", False),
+        (f" 5{E}", True),
+        ("[INST] And 4 plus 4? [/INST]", False),
+        (f" 8{E}", True),
+    ],
+    "gemma": [
+        (f"{E}<start_of_turn>user\nBe brief.\n\nWhat is 2 plus 3?<end_of_turn>\n<start_of_turn>model\n", False),
+        ("5<end_of_turn>\n", True),
+        ("<start_of_turn>user\nAnd 4 plus 4?<end_of_turn>\n<start_of_turn>model\n", False),
+        ("8<end_of_turn>\n", True),
+    ],
+    "phi-3": [
+        ("<|system|>\nBe brief.<|end|>\n<|user|>\nWhat is 2 plus 3?<|end|>\n<|assistant|>\n", False),
+        ("5<|end|>\n", True),
+        ("<|user|>\nAnd 4 plus 4?<|end|>\n<|assistant|>\n", False),
+        ("8<|end|>\n", True),
+    ],
+    "qwen": [
+        (
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            False,
+        ),
+        ("5<|im_end|>\n", True),
+        ("<|im_start|>user\nAnd 4 plus 4?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("8<|im_end|>\n", True),
+    ],
 }
 
 
@@ -236,11 +295,16 @@ def test_template_that_breaks_the_prefix_property_still_trains_end_of_turn(templ
     """A Phi-3-style template that writes EOS only after the last turn: rendering a prefix is not a prefix of the
     whole, so spans come from the content plus the end-of-turn markers after it."""
     template_tokenizer.chat_template = read_template("phi-3").replace(
-        "{%- if add_generation_prompt -%}", "{%- if not add_generation_prompt -%}{{ eos_token }}{%- endif -%}\n"
-        "{%- if add_generation_prompt -%}")
+        "{%- if add_generation_prompt -%}",
+        "{%- if not add_generation_prompt -%}{{ eos_token }}{%- endif -%}\n{%- if add_generation_prompt -%}",
+    )
     ids, labels = encode(template_tokenizer, CONVERSATION, "messages")
-    pieces = [EXPECTED["phi-3"][0], ("5<|end|>", True), ("\n<|user|>\nAnd 4 plus 4?<|end|>\n<|assistant|>\n", False),
-              (f"8<|end|>\n{E}", True)]
+    pieces = [
+        EXPECTED["phi-3"][0],
+        ("5<|end|>", True),
+        ("\n<|user|>\nAnd 4 plus 4?<|end|>\n<|assistant|>\n", False),
+        (f"8<|end|>\n{E}", True),
+    ]
     assert (ids, labels) == expected_tokens(template_tokenizer, pieces)
 
 
@@ -255,8 +319,13 @@ def test_llama3_template_with_bos_adding_tokenizer_has_one_bos(bos_tokenizer):
 
 def test_mistral_template_rejects_non_alternating_roles_as_a_row_error(template_tokenizer):
     template_tokenizer.chat_template = read_template("mistral")
-    row = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
-                        {"role": "assistant", "content": "c"}]}
+    row = {
+        "messages": [
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "c"},
+        ]
+    }
     with pytest.raises(data.RowError, match="test row 1: the chat template rejects this conversation: roles must"):
         encode(template_tokenizer, row, "messages")
 
@@ -266,8 +335,13 @@ def test_mistral_template_rejects_non_alternating_roles_as_a_row_error(template_
 
 
 def test_sharegpt_renders_like_messages(demo_tokenizer):
-    turns = [("system", "Be brief."), ("human", "What is 2 plus 3?"), ("gpt", "5"), ("human", "And 4 plus 4?"),
-             ("gpt", "8")]
+    turns = [
+        ("system", "Be brief."),
+        ("human", "What is 2 plus 3?"),
+        ("gpt", "5"),
+        ("human", "And 4 plus 4?"),
+        ("gpt", "8"),
+    ]
     sharegpt = {"conversations": [{"from": who, "value": text} for who, text in turns]}
     assert encode(demo_tokenizer, sharegpt, "sharegpt") == encode(demo_tokenizer, CONVERSATION, "messages")
     assert data.detect_format([data.Row(sharegpt, "r")], "auto", "x") == "sharegpt"
@@ -320,21 +394,41 @@ def test_directories_globs_and_text_files(tmp_path):
 
 
 def test_hub_source_that_cannot_be_loaded_is_a_user_error():
-    with pytest.raises(UserError, match=r"data source 'nobody/no-such-dataset': not a local file and could not be "
-                                        r"loaded from the hub"):
+    with pytest.raises(
+        UserError,
+        match=r"data source 'nobody/no-such-dataset': not a local file and could not be "
+        r"loaded from the hub",
+    ):
         data.read_source(DataSource(path="nobody/no-such-dataset", name="default", split="train", revision="main"))
 
 
-@pytest.mark.parametrize("name, content, fmt, match", [
-    ("x.json", '[{"text": "a"}, ', "auto", r"x.json: not valid JSON at line 1"),
-    ("x.csv", 'text,other\n"a,1\n', "auto", r"x.csv: not a valid CSV file"),
-    ("x.jsonl", '{"conversations": [{"from": "bot", "value": "a"}]}\n', "auto",
-     r"x.jsonl line 1: conversations\[0\] has unknown role 'bot'"),
-    ("x.jsonl", '{"conversations": []}\n', "sharegpt", r"x.jsonl line 1: 'conversations' must be a non-empty list"),
-    ("x.jsonl", '{"instruction": "a"}\n', "alpaca", r"x.jsonl line 1: missing column 'output' that format 'alpaca'"),
-    ("x.json", '[]', "auto", r"x.json has no rows"),
-    ("x.csv", 'text\n', "auto", r"x.csv has no rows"),
-])
+@pytest.mark.parametrize(
+    "name, content, fmt, match",
+    [
+        ("x.json", '[{"text": "a"}, ', "auto", r"x.json: not valid JSON at line 1"),
+        ("x.csv", 'text,other\n"a,1\n', "auto", r"x.csv: not a valid CSV file"),
+        (
+            "x.jsonl",
+            '{"conversations": [{"from": "bot", "value": "a"}]}\n',
+            "auto",
+            r"x.jsonl line 1: conversations\[0\] has unknown role 'bot'",
+        ),
+        (
+            "x.jsonl",
+            '{"conversations": []}\n',
+            "sharegpt",
+            r"x.jsonl line 1: 'conversations' must be a non-empty list",
+        ),
+        (
+            "x.jsonl",
+            '{"instruction": "a"}\n',
+            "alpaca",
+            r"x.jsonl line 1: missing column 'output' that format 'alpaca'",
+        ),
+        ("x.json", "[]", "auto", r"x.json has no rows"),
+        ("x.csv", "text\n", "auto", r"x.csv has no rows"),
+    ],
+)
 def test_more_bad_inputs(tmp_path, name, content, fmt, match):
     path = tmp_path / name
     path.write_text(content)
@@ -350,6 +444,9 @@ def test_bad_rows_are_skipped_up_to_the_limit(tmp_path):
     kept = data.read_formatted(DataSource(path=str(path)), "data.train.0", bad)
     assert [r.data for r in kept] == [chat("a", "b"), chat("c", "d")]
     assert bad.reasons == {"unknown role": 1, "empty conversation": 1, "invalid JSON": 1}
-    with pytest.raises(UserError, match=r"x.jsonl line 5: not valid JSON .* \(3 bad rows, more than "
-                                        r"data.max_bad_rows=2\)"):
+    with pytest.raises(
+        UserError,
+        match=r"x.jsonl line 5: not valid JSON .* \(3 bad rows, more than "
+        r"data.max_bad_rows=2\)",
+    ):
         data.read_formatted(DataSource(path=str(path)), "data.train.0", data.BadRows(limit=2))

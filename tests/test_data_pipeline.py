@@ -25,8 +25,11 @@ def _cache_in_tmp(tmp_path, monkeypatch):
 
 
 def recipe_for(tmp_path, model_dir, train: list[dict], **data_options):
-    raw = {"model": {"name_or_path": str(model_dir)}, "data": {"train": train, **data_options},
-           "training": {"report_to": "none"}}
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": train, **data_options},
+        "training": {"report_to": "none"},
+    }
     return validate(raw)
 
 
@@ -46,8 +49,12 @@ def test_mixing_weights_and_fractions_give_the_stated_proportions(tmp_path, tiny
     a = write_jsonl(tmp_path / "a.jsonl", text_rows("a", 90))
     b = write_jsonl(tmp_path / "b.jsonl", text_rows("b", 30))
     c = write_jsonl(tmp_path / "c.jsonl", text_rows("c", 40))
-    recipe = recipe_for(tmp_path, tiny_model_dir, [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 2},
-                                                    {"path": str(c), "fraction": 0.25}], seed=3)
+    recipe = recipe_for(
+        tmp_path,
+        tiny_model_dir,
+        [{"path": str(a), "weight": 1}, {"path": str(b), "weight": 2}, {"path": str(c), "fraction": 0.25}],
+        seed=3,
+    )
     stats = data.DataStats()
     rows, held = build.collect_rows(recipe, stats, data.BadRows())
     counts = Counter(source_of(row) for row in rows)
@@ -78,8 +85,9 @@ def test_dedupe_drops_repeats_and_training_copies_of_held_out_rows(tmp_path, tin
     a = write_jsonl(tmp_path / "a.jsonl", [chat("x", "1"), chat("x", "1"), chat("y", "2"), chat("z", "3")])
     b = write_jsonl(tmp_path / "b.jsonl", [chat("y", "2"), chat("w", "4")])
     held = write_jsonl(tmp_path / "held.jsonl", [chat("z", "3")])
-    recipe = recipe_for(tmp_path, tiny_model_dir, [{"path": str(a)}, {"path": str(b)}], eval={"path": str(held)},
-                        dedupe=True)
+    recipe = recipe_for(
+        tmp_path, tiny_model_dir, [{"path": str(a)}, {"path": str(b)}], eval={"path": str(held)}, dedupe=True
+    )
     stats = data.DataStats()
     rows, held_rows = build.collect_rows(recipe, stats, data.BadRows())
     assert sorted(r.data["messages"][0]["content"] for r in rows) == ["w", "x", "y"]
@@ -90,14 +98,17 @@ def test_dedupe_drops_repeats_and_training_copies_of_held_out_rows(tmp_path, tin
 # The cache
 
 
-def test_cache_hits_when_nothing_changed_and_misses_on_template_or_data_bytes(tmp_path, tiny_model_dir,
-                                                                                demo_tokenizer):
+def test_cache_hits_when_nothing_changed_and_misses_on_template_or_data_bytes(
+    tmp_path, tiny_model_dir, demo_tokenizer
+):
     from qlora_kit.model import load_tokenizer
 
     path = write_jsonl(tmp_path / "train.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
     held = write_jsonl(tmp_path / "held.jsonl", [chat("what?", "this")])
-    raw = {"model": {"name_or_path": str(tiny_model_dir)},
-           "data": {"train": [{"path": str(path)}], "eval": {"path": str(held)}, "max_length": 128}}
+    raw = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"train": [{"path": str(path)}], "eval": {"path": str(held)}, "max_length": 128},
+    }
     recipe = validate(raw)
     first = data.build_datasets(recipe, load_tokenizer(recipe))
     second = data.build_datasets(recipe, load_tokenizer(recipe))
@@ -135,10 +146,12 @@ def test_worker_processes_give_the_same_result(tmp_path, tiny_model_dir, demo_to
     monkeypatch.setattr(build, "CHUNK", 16)  # several chunks from a small file
     rows = [chat(f"question {i}", "answer " * (i % 7)) for i in range(60)]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    one = data.build_datasets(recipe_for(tmp_path, tiny_model_dir, [{"path": str(path)}], num_proc=1, cache=False),
-                              demo_tokenizer)
-    two = data.build_datasets(recipe_for(tmp_path, tiny_model_dir, [{"path": str(path)}], num_proc=2, cache=False),
-                              demo_tokenizer)
+    one = data.build_datasets(
+        recipe_for(tmp_path, tiny_model_dir, [{"path": str(path)}], num_proc=1, cache=False), demo_tokenizer
+    )
+    two = data.build_datasets(
+        recipe_for(tmp_path, tiny_model_dir, [{"path": str(path)}], num_proc=2, cache=False), demo_tokenizer
+    )
     assert one.train[:] == two.train[:] and one.stats.as_dict() == two.stats.as_dict()
     assert build.processes_for(100, None) == 1 and build.processes_for(100, 3) == 3
 
@@ -146,11 +159,21 @@ def test_worker_processes_give_the_same_result(tmp_path, tiny_model_dir, demo_to
 def test_template_errors_count_against_the_bad_row_budget(tmp_path, tiny_model_dir):
     from qlora_kit.model import load_tokenizer
 
-    rows = [chat("a", "b"), {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"},
-                                          {"role": "assistant", "content": "z"}]}]
+    rows = [
+        chat("a", "b"),
+        {
+            "messages": [
+                {"role": "user", "content": "x"},
+                {"role": "user", "content": "y"},
+                {"role": "assistant", "content": "z"},
+            ]
+        },
+    ]
     path = write_jsonl(tmp_path / "train.jsonl", rows)
-    raw = {"model": {"name_or_path": str(tiny_model_dir), "chat_template": "mistral"},
-           "data": {"train": [{"path": str(path)}], "max_bad_rows": 1}}
+    raw = {
+        "model": {"name_or_path": str(tiny_model_dir), "chat_template": "mistral"},
+        "data": {"train": [{"path": str(path)}], "max_bad_rows": 1},
+    }
     prepared = data.build_datasets(validate(raw), load_tokenizer(validate(raw)))
     assert prepared.stats.skipped == {"chat template error": 1} and len(prepared.train) == 1
     raw["data"]["max_bad_rows"] = 0
@@ -202,15 +225,19 @@ def test_packed_examples_never_attend_to_each_other(tiny_model_dir, demo_tokeniz
             torch.testing.assert_close(together[start : start + length], alone, rtol=1e-5, atol=1e-5)
         # The check can fail: without the per-example positions the examples do see each other.
         leaky = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-    assert not torch.allclose(leaky[starts[1] : starts[1] + lengths[1]],
-                              together[starts[1] : starts[1] + lengths[1]], atol=1e-3)
+    assert not torch.allclose(
+        leaky[starts[1] : starts[1] + lengths[1]], together[starts[1] : starts[1] + lengths[1]], atol=1e-3
+    )
 
 
 def test_train_with_packing_end_to_end(tmp_path, tiny_model_dir, arithmetic_rows):
     from qlora_kit.train import train
 
-    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, max_steps=4, packing=True,
-                                     per_device_train_batch_size=2))
+    recipe = load_recipe(
+        tiny_recipe(
+            tmp_path, tiny_model_dir, arithmetic_rows, max_steps=4, packing=True, per_device_train_batch_size=2
+        )
+    )
     result = train(recipe, tmp_path / "run")
     packing = result.metrics["data"]["packing"]
     assert packing["strategy"] == "bfd" and packing["examples"] == 36 and packing["sequences"] < 36
@@ -224,8 +251,11 @@ def test_train_with_packing_end_to_end(tmp_path, tiny_model_dir, arithmetic_rows
 
 
 def write_recipe(tmp_path, model_dir, train_path, **data_options) -> str:
-    raw = {"model": {"name_or_path": str(model_dir)}, "data": {"train": [{"path": str(train_path)}], **data_options},
-           "training": {"report_to": "none", "per_device_train_batch_size": 4}}
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": [{"path": str(train_path)}], **data_options},
+        "training": {"report_to": "none", "per_device_train_batch_size": 4},
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     return str(path)
@@ -241,8 +271,19 @@ def test_cli_data_shows_marked_examples_and_statistics(tmp_path, tiny_model_dir,
     out = capsys.readouterr().out
     assert "[[5<|im_end|>\n]]" in out and "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>" in out
     flat = " ".join(re.sub(r"[│┌┐└┘├┤─┬┴┼]", " ", out).split())  # the table's cells, unwrapped
-    for needle in ("train.jsonl", "31 read, 31 used", "messages (detected from column messages)", "held-out rows",
-                   "token length", "p90", "truncated", "tokens trained on", "packing efficiency", "cache", "miss"):
+    for needle in (
+        "train.jsonl",
+        "31 read, 31 used",
+        "messages (detected from column messages)",
+        "held-out rows",
+        "token length",
+        "p90",
+        "truncated",
+        "tokens trained on",
+        "packing efficiency",
+        "cache",
+        "miss",
+    ):
         assert needle in flat, needle
     assert cli.main(["data", recipe, "--examples", "0", "--plain"]) == 0
     assert "hit" in capsys.readouterr().out
@@ -259,15 +300,22 @@ def test_cli_data_colours_trained_tokens_on_a_terminal(tmp_path, tiny_model_dir,
     assert "\x1b[30;42myo<|im_end|>" in out and "[[" not in out
 
 
-@pytest.mark.parametrize("content, match", [
-    ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": ',
-     "train.jsonl line 2: not valid JSON"),
-    ('{"prompt": "a"}\n', "train.jsonl line 1: missing column 'completion' that format 'prompt_completion' needs"),
-    ('{"messages": [{"role": "robot", "content": "a"}]}\n',
-     "train.jsonl line 1: messages[0] has unknown role 'robot'"),
-    ('{"messages": []}\n', "train.jsonl line 1: 'messages' must be a non-empty list"),
-    ("\n\n", "train.jsonl has no rows"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n{"messages": ',
+            "train.jsonl line 2: not valid JSON",
+        ),
+        ('{"prompt": "a"}\n', "train.jsonl line 1: missing column 'completion' that format 'prompt_completion' needs"),
+        (
+            '{"messages": [{"role": "robot", "content": "a"}]}\n',
+            "train.jsonl line 1: messages[0] has unknown role 'robot'",
+        ),
+        ('{"messages": []}\n', "train.jsonl line 1: 'messages' must be a non-empty list"),
+        ("\n\n", "train.jsonl has no rows"),
+    ],
+)
 def test_cli_data_bad_input_exits_2_with_one_error_line(tmp_path, tiny_model_dir, capsys, content, match):
     train = tmp_path / "train.jsonl"
     train.write_text(content)

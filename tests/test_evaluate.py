@@ -38,11 +38,22 @@ def demo_recipe(tmp: Path, **training) -> Path:
     recipe = {
         "model": {"name_or_path": str(DEMO_MODEL)},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0},
-        "data": {"train": [{"path": str(DATA / "train.jsonl")}], "eval": {"path": str(DATA / "eval.jsonl")},
-                 "max_length": 96},
-        "training": {"max_steps": 30, "per_device_train_batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 3,
-                     "logging_steps": 10, "report_to": "none", "save_strategy": "no", "gradient_checkpointing": False,
-                     **training},
+        "data": {
+            "train": [{"path": str(DATA / "train.jsonl")}],
+            "eval": {"path": str(DATA / "eval.jsonl")},
+            "max_length": 96,
+        },
+        "training": {
+            "max_steps": 30,
+            "per_device_train_batch_size": 16,
+            "learning_rate": 3e-3,
+            "warmup_steps": 3,
+            "logging_steps": 10,
+            "report_to": "none",
+            "save_strategy": "no",
+            "gradient_checkpointing": False,
+            **training,
+        },
         "eval": {"num_samples": 0, "max_examples": 8, "max_new_tokens": 6, "batch_size": EXAMPLES},
     }
     path = tmp / "recipe.yaml"
@@ -72,9 +83,18 @@ def run_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated(run_dir) -> dict:
-    code = main(["eval", str(run_dir), f"eval.max_examples={EXAMPLES}", "eval.max_new_tokens=6",
-                 f"eval.lm_eval.tasks=[{','.join(LM_TASKS)}]", f"eval.lm_eval.include_path={TASKS_DIR}",
-                 "eval.lm_eval.include_defaults=false", f"eval.lm_eval.limit={LIMIT}"])
+    code = main(
+        [
+            "eval",
+            str(run_dir),
+            f"eval.max_examples={EXAMPLES}",
+            "eval.max_new_tokens=6",
+            f"eval.lm_eval.tasks=[{','.join(LM_TASKS)}]",
+            f"eval.lm_eval.include_path={TASKS_DIR}",
+            "eval.lm_eval.include_defaults=false",
+            f"eval.lm_eval.limit={LIMIT}",
+        ]
+    )
     assert code == 0
     return json.loads((run_dir / "eval.json").read_text())
 
@@ -197,15 +217,18 @@ def adapter_model(run_dir):
 def test_batched_generation_equals_one_at_a_time(adapter_model):
     model, tokenizer = adapter_model
     rows = [json.loads(line) for line in (DATA / "eval.jsonl").read_text().splitlines()]
-    prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-               for r in rows]
+    prompts = [
+        tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
+    ]
     prompts = sorted(set(prompts), key=len)
     prompts = [prompts[0], prompts[-1], prompts[len(prompts) // 2]]  # mixed lengths: real left padding
     assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 3
     for context in (model.disable_adapter, nullcontext):  # the base rambles to the limit, the tuned model stops
         with context():
-            one = [generate(model, tokenizer, [p], settings=GenerationSettings(max_new_tokens=4, batch_size=1))[0]
-                   for p in prompts]
+            one = [
+                generate(model, tokenizer, [p], settings=GenerationSettings(max_new_tokens=4, batch_size=1))[0]
+                for p in prompts
+            ]
             batched = generate(model, tokenizer, prompts, settings=GenerationSettings(max_new_tokens=4, batch_size=3))
         assert batched == one
         assert all(one)
@@ -213,8 +236,12 @@ def test_batched_generation_equals_one_at_a_time(adapter_model):
 
 def test_sampling_settings_are_seeded_and_differ_from_greedy(adapter_model):
     model, tokenizer = adapter_model
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"What is {n} + 3?"}], tokenize=False,
-                                             add_generation_prompt=True) for n in range(8)]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": f"What is {n} + 3?"}], tokenize=False, add_generation_prompt=True
+        )
+        for n in range(8)
+    ]
     hot = GenerationSettings(max_new_tokens=3, batch_size=8, do_sample=True, temperature=5.0, seed=1)
     with model.disable_adapter():
         first = generate(model, tokenizer, prompts, settings=hot)
@@ -265,9 +292,11 @@ def test_builtin_metrics_load_offline_through_evaluate(monkeypatch):
 
 def test_user_metrics_function_and_module_path(tmp_path, monkeypatch):
     script = tmp_path / "my_scores.py"
-    script.write_text("def length_ratio(predictions, references):\n"
-                      "    return sum(len(p) for p in predictions) / sum(len(r) for r in references)\n"
-                      "def two(predictions, references):\n    return {'first': 1, 'second': 2.5, 'note': 'text'}\n")
+    script.write_text(
+        "def length_ratio(predictions, references):\n"
+        "    return sum(len(p) for p in predictions) / sum(len(r) for r in references)\n"
+        "def two(predictions, references):\n    return {'first': 1, 'second': 2.5, 'note': 'text'}\n"
+    )
     copy = tmp_path / "strict_match"
     copy.mkdir()
     (copy / "strict_match.py").write_text(metric_path("exact_match").read_text())
@@ -287,8 +316,10 @@ def test_generation_eval_callback_logs_exact_match(tmp_path):
     from qlora_kit.evaluate.callback import generation_eval_callback
     from qlora_kit.train import make_trainer
 
-    recipe = load_recipe(demo_recipe(tmp_path, max_steps=2, per_device_train_batch_size=4, logging_steps=1),
-                         ["eval.callback_steps=1", "eval.callback_samples=3", "eval.max_new_tokens=3"])
+    recipe = load_recipe(
+        demo_recipe(tmp_path, max_steps=2, per_device_train_batch_size=4, logging_steps=1),
+        ["eval.callback_steps=1", "eval.callback_samples=3", "eval.max_new_tokens=3"],
+    )
     tokenizer = model_stage.load_tokenizer(recipe)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)

@@ -74,8 +74,17 @@ def test_fields_owned_elsewhere_point_to_their_section():
 
 
 def test_overrides_parse_yaml_scalars_and_index_lists():
-    raw = apply_overrides(MINIMAL, ["training.max_steps=5", "lora.r=8", "data.train.0.path=my.jsonl",
-                                    "data.train.1.path=more.jsonl", "model.trust_remote_code=false", "lora.target_modules=[q_proj, v_proj]"])
+    raw = apply_overrides(
+        MINIMAL,
+        [
+            "training.max_steps=5",
+            "lora.r=8",
+            "data.train.0.path=my.jsonl",
+            "data.train.1.path=more.jsonl",
+            "model.trust_remote_code=false",
+            "lora.target_modules=[q_proj, v_proj]",
+        ],
+    )
     recipe = validate(raw)
     assert recipe.training["max_steps"] == 5 and recipe.lora.r == 8
     assert [s.path for s in recipe.data.train] == ["my.jsonl", "more.jsonl"]
@@ -83,8 +92,10 @@ def test_overrides_parse_yaml_scalars_and_index_lists():
     assert MINIMAL["data"]["train"][0]["path"] == "train.jsonl"  # the input is not mutated
 
 
-@pytest.mark.parametrize("override, key", [("novalue", "key=value"), ("data.train.5.path=x", "index"),
-                                            ("model.name_or_path.x=1", "is a value")])
+@pytest.mark.parametrize(
+    "override, key",
+    [("novalue", "key=value"), ("data.train.5.path=x", "index"), ("model.name_or_path.x=1", "is a value")],
+)
 def test_bad_overrides(override, key):
     with pytest.raises(UserError, match=key):
         apply_overrides(MINIMAL, [override])

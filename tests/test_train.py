@@ -27,16 +27,38 @@ def trained(tmp_path_factory, tiny_model_dir, arithmetic_rows):
 def test_run_directory_is_complete(trained):
     _, result = trained
     run = result.run_dir
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/tokenizer.json",
-                 "recipe.yaml", "metrics.json", "loss_curve.png"):
+    for name in (
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+        "recipe.yaml",
+        "metrics.json",
+        "loss_curve.png",
+    ):
         assert (run / name).is_file(), name
     assert not (run.parent / f".{run.name}.partial").exists()
     metrics = json.loads((run / "metrics.json").read_text())
-    for key in ("train_loss_first", "train_loss_last", "steps", "train_tokens", "train_runtime_s",
-                "tokens_per_second", "peak_memory_bytes", "versions"):
+    for key in (
+        "train_loss_first",
+        "train_loss_last",
+        "steps",
+        "train_tokens",
+        "train_runtime_s",
+        "tokens_per_second",
+        "peak_memory_bytes",
+        "versions",
+    ):
         assert key in metrics, key
     assert metrics["steps"] == 12 and metrics["train_tokens"] > 0 and metrics["peak_memory_bytes"] > 0
-    assert set(metrics["versions"]) >= {"torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"}
+    assert set(metrics["versions"]) >= {
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "bitsandbytes",
+        "accelerate",
+        "datasets",
+    }
 
 
 def test_loss_goes_down(trained):
@@ -98,7 +120,8 @@ def test_cli_train_end_to_end(tmp_path, tiny_model_dir, arithmetic_rows):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already exists" in again.stderr
-    forced = subprocess.run([*command, "--force", "training.max_steps=1"], cwd=REPO, capture_output=True, text=True,
-                            timeout=600)
+    forced = subprocess.run(
+        [*command, "--force", "training.max_steps=1"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["steps"] == 1

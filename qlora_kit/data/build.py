@@ -201,8 +201,9 @@ def _encoded_chunks(rows: list[Row], tokenizer, processes: int):
 
     # fork: workers inherit the tokenizer instead of re-importing transformers (seconds each).
     context = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_init_worker,
-                             initargs=(tokenizer, rules)) as pool:
+    with ProcessPoolExecutor(
+        processes, mp_context=context, initializer=_init_worker, initargs=(tokenizer, rules)
+    ) as pool:
         for chunk, results in zip(chunks, pool.map(_encode_in_worker, chunks), strict=True):
             yield len(chunk), results
 
@@ -211,12 +212,27 @@ def _progress(show: bool | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     enabled = sys.stderr.isatty() if show is None else show
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True, disable=not enabled)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        disable=not enabled,
+    )
 
 
-def encode_rows(rows: list[Row], tokenizer, max_length: int, policy: str, stats: DataStats, bad: BadRows | None = None,
-                processes: int = 1, show_progress: bool | None = False, label: str = "tokenizing") -> dict:
+def encode_rows(
+    rows: list[Row],
+    tokenizer,
+    max_length: int,
+    policy: str,
+    stats: DataStats,
+    bad: BadRows | None = None,
+    processes: int = 1,
+    show_progress: bool | None = False,
+    label: str = "tokenizing",
+) -> dict:
     """Tokenize rows into columns, applying the length policy and dropping rows with nothing to learn."""
     bad = bad or BadRows()
     columns: dict[str, list] = {"input_ids": [], "labels": []}
@@ -271,14 +287,32 @@ def process(recipe: Recipe, tokenizer, show_progress: bool | None = None) -> tup
     bad = BadRows(limit=data.max_bad_rows)  # one budget for the whole dataset, whichever step finds the row bad
     train_rows, eval_rows = collect_rows(recipe, stats, bad)
     processes = processes_for(len(train_rows), data.num_proc)
-    train = encode_rows(train_rows, tokenizer, data.max_length, data.truncation, stats, bad, processes, show_progress,
-                        "tokenizing train")
+    train = encode_rows(
+        train_rows,
+        tokenizer,
+        data.max_length,
+        data.truncation,
+        stats,
+        bad,
+        processes,
+        show_progress,
+        "tokenizing train",
+    )
     if not train["input_ids"]:
         raise UserError("data.train: no example is left with a token to train on: check max_length and the formats")
     evaluation = None
     if eval_rows:
-        evaluation = encode_rows(eval_rows, tokenizer, data.max_length, data.truncation, DataStats(), bad, 1,
-                                 show_progress, "tokenizing eval")
+        evaluation = encode_rows(
+            eval_rows,
+            tokenizer,
+            data.max_length,
+            data.truncation,
+            DataStats(),
+            bad,
+            1,
+            show_progress,
+            "tokenizing eval",
+        )
     stats.skipped = Counter(bad.reasons)
     stats.lengths = length_percentiles([len(ids) for ids in train["input_ids"]])
     return train, evaluation, eval_rows, stats
@@ -348,16 +382,23 @@ def packing_stats(dataset, max_length: int, strategy: str = "bfd") -> dict[str, 
         packed = pack_dataset(dataset.select_columns(["input_ids"]), max_length, strategy)
     lengths = [len(ids) for ids in packed["input_ids"]]
     tokens = sum(lengths)
-    return {"strategy": strategy, "max_length": max_length, "sequences": len(lengths), "examples": len(dataset),
-            "tokens": tokens, "efficiency": tokens / (len(lengths) * max_length) if lengths else 0.0}
+    return {
+        "strategy": strategy,
+        "max_length": max_length,
+        "sequences": len(lengths),
+        "examples": len(dataset),
+        "tokens": tokens,
+        "efficiency": tokens / (len(lengths) * max_length) if lengths else 0.0,
+    }
 
 
 def padding_efficiency(dataset, batch_size: int, seed: int = 0) -> float:
     """Real tokens ÷ tokens processed for unpacked batches padded to their longest example (random batches)."""
     lengths = [len(ids) for ids in dataset["input_ids"]]
     random.Random(seed).shuffle(lengths)
-    processed = sum(max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size])
-                    for i in range(0, len(lengths), batch_size))
+    processed = sum(
+        max(lengths[i : i + batch_size]) * len(lengths[i : i + batch_size]) for i in range(0, len(lengths), batch_size)
+    )
     return sum(lengths) / processed if processed else 0.0
 
 

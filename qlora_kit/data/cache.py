@@ -47,8 +47,13 @@ def source_fingerprint(source: DataSource) -> dict[str, Any]:
     files = local_files(source.path)
     if files is None:
         dataset = load_hub(source)
-        return {"hub": source.path, "name": source.name, "split": source.split, "revision": source.revision,
-                "fingerprint": getattr(dataset, "_fingerprint", None)}
+        return {
+            "hub": source.path,
+            "name": source.name,
+            "split": source.split,
+            "revision": source.revision,
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+        }
     root = Path(source.path).expanduser()
     base = root if root.is_dir() else None
     return {"files": [[str(p.relative_to(base)) if base else p.name, file_digest(p)] for p in files]}
@@ -60,8 +65,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
     digest = hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode())
     rules = TokenRules.of(tokenizer)
-    extra = {"special": tokenizer.special_tokens_map, "template": tokenizer.chat_template,
-             "rules": [rules.bos, rules.adds_bos, rules.eos, sorted(rules.stops)], "class": type(tokenizer).__name__}
+    extra = {
+        "special": tokenizer.special_tokens_map,
+        "template": tokenizer.chat_template,
+        "rules": [rules.bos, rules.adds_bos, rules.eos, sorted(rules.stops)],
+        "class": type(tokenizer).__name__,
+    }
     digest.update(json.dumps(extra, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -94,8 +103,12 @@ def load(entry: Path) -> dict[str, Any] | None:
     stats = json.loads((entry / "stats.json").read_text())
     rows = [Row(**item) for item in json.loads((entry / "eval_rows.json").read_text())]
     evaluation = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
-    return {"train": datasets.load_from_disk(str(entry / "train")), "eval": evaluation, "eval_rows": rows,
-            "stats": stats}
+    return {
+        "train": datasets.load_from_disk(str(entry / "train")),
+        "eval": evaluation,
+        "eval_rows": rows,
+        "stats": stats,
+    }
 
 
 def save(entry: Path, train, evaluation, eval_rows: list[Row], stats: dict[str, Any], description: dict) -> None:

@@ -13,8 +13,14 @@ from qlora_kit.data.sources import BadRows, Row, RowError
 from qlora_kit.errors import UserError
 
 ROLES = {"system", "user", "assistant", "tool"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "tool": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
 
 # The Stanford Alpaca prompts; the no-input variant has no "### Input:" section at all.
 ALPACA_WITH_INPUT = (
@@ -46,8 +52,10 @@ def detect_format(rows: list[Row], declared: str, label: str, columns: dict[str,
     for fmt, needed in DETECTION:
         if all(mapping.get(name, name) in present for name in needed):
             if fmt == "messages" and _looks_sharegpt(rows[0].data[mapping.get("messages", "messages")]):
-                raise UserError(f"{label}: column 'messages' holds from/value turns: set format: sharegpt and "
-                                "columns: {conversations: messages}")
+                raise UserError(
+                    f"{label}: column 'messages' holds from/value turns: set format: sharegpt and "
+                    "columns: {conversations: messages}"
+                )
             return fmt
     raise UserError(
         f"{label}: cannot tell the format from columns {sorted(present)}: set format to messages ('messages' list), "
@@ -116,8 +124,12 @@ class _Getter:
     def __call__(self, column: str, required: bool = True) -> Any:
         value = self.row.data.get(self.name(column))
         if value is None and required:
-            raise RowError(self.row.where, f"missing column '{self.name(column)}' that format '{self.fmt}' needs "
-                           f"(columns: {sorted(self.row.data)})", f"missing column '{self.name(column)}'")
+            raise RowError(
+                self.row.where,
+                f"missing column '{self.name(column)}' that format '{self.fmt}' needs "
+                f"(columns: {sorted(self.row.data)})",
+                f"missing column '{self.name(column)}'",
+            )
         return value
 
 
@@ -125,15 +137,21 @@ def _messages(value: Any, row: Row, key: str) -> list[dict[str, str]]:
     if not isinstance(value, list):
         raise RowError(row.where, f"'{key}' must be a list of {{role, content}} objects", "messages not a list")
     if not value:
-        raise RowError(row.where, f"'{key}' must be a non-empty list: an empty conversation has nothing to learn",
-                       "empty conversation")
+        raise RowError(
+            row.where,
+            f"'{key}' must be a non-empty list: an empty conversation has nothing to learn",
+            "empty conversation",
+        )
     out = []
     for i, message in enumerate(value):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise RowError(row.where, f"{key}[{i}] must be an object with 'role' and 'content'", "malformed message")
         if message["role"] not in ROLES:
-            raise RowError(row.where, f"{key}[{i}] has unknown role {message['role']!r}: use one of {sorted(ROLES)}",
-                           "unknown role")
+            raise RowError(
+                row.where,
+                f"{key}[{i}] has unknown role {message['role']!r}: use one of {sorted(ROLES)}",
+                "unknown role",
+            )
         if not isinstance(message["content"], str):
             raise RowError(row.where, f"{key}[{i}].content must be text", "content not text")
         out.append({"role": message["role"], "content": message["content"]})
@@ -144,15 +162,21 @@ def _sharegpt(value: Any, row: Row, key: str) -> list[dict[str, str]]:
     if not isinstance(value, list):
         raise RowError(row.where, f"'{key}' must be a list of {{from, value}} objects", "conversations not a list")
     if not value:
-        raise RowError(row.where, f"'{key}' must be a non-empty list: an empty conversation has nothing to learn",
-                       "empty conversation")
+        raise RowError(
+            row.where,
+            f"'{key}' must be a non-empty list: an empty conversation has nothing to learn",
+            "empty conversation",
+        )
     out = []
     for i, turn in enumerate(value):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RowError(row.where, f"{key}[{i}] must be an object with 'from' and 'value'", "malformed message")
         if turn["from"] not in SHAREGPT_ROLES:
-            raise RowError(row.where, f"{key}[{i}] has unknown role {turn['from']!r}: use one of "
-                           f"{sorted(SHAREGPT_ROLES)}", "unknown role")
+            raise RowError(
+                row.where,
+                f"{key}[{i}] has unknown role {turn['from']!r}: use one of {sorted(SHAREGPT_ROLES)}",
+                "unknown role",
+            )
         if not isinstance(turn["value"], str):
             raise RowError(row.where, f"{key}[{i}].value must be text", "content not text")
         out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
@@ -181,6 +205,9 @@ def _prompt_completion(get: _Getter, row: Row) -> dict[str, Any]:
             raise RowError(row.where, "the completion has no assistant message to learn from", "no assistant message")
         return {"prompt": messages, "completion": answer}
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise RowError(row.where, f"'{get.name('prompt')}' and '{get.name('completion')}' must both be text or both "
-                       "be message lists", "prompt/completion types")
+        raise RowError(
+            row.where,
+            f"'{get.name('prompt')}' and '{get.name('completion')}' must both be text or both be message lists",
+            "prompt/completion types",
+        )
     return {"prompt": prompt, "completion": completion}

@@ -55,8 +55,14 @@ def show_examples(console, tokenizer, prepared: PreparedData, count: int, plain:
 def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing: dict[str, Any] | None) -> list:
     """(name, value) rows of the statistics table."""
     stats = prepared.stats
-    rows = [(f"rows: {_short(path)}", f"{stats.rows[path]:,} read, {stats.used.get(path, 0):,} used · "
-             f"{stats.detected.get(path, stats.formats.get(path, ''))}") for path in stats.rows]
+    rows = [
+        (
+            f"rows: {_short(path)}",
+            f"{stats.rows[path]:,} read, {stats.used.get(path, 0):,} used · "
+            f"{stats.detected.get(path, stats.formats.get(path, ''))}",
+        )
+        for path in stats.rows
+    ]
     rows.append(("held-out rows", f"{stats.eval_rows:,}"))
     if stats.skipped:
         rows.append(("bad rows skipped", ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))))
@@ -64,8 +70,13 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
     rows.append(("training examples", f"{stats.examples:,}"))
     lengths = stats.lengths
     if lengths:
-        rows.append(("token length", f"min {lengths['min']} · p50 {lengths['p50']:.0f} · p90 {lengths['p90']:.0f} · "
-                     f"p99 {lengths['p99']:.0f} · max {lengths['max']} (max_length {max_length})"))
+        rows.append(
+            (
+                "token length",
+                f"min {lengths['min']} · p50 {lengths['p50']:.0f} · p90 {lengths['p90']:.0f} · "
+                f"p99 {lengths['p99']:.0f} · max {lengths['max']} (max_length {max_length})",
+            )
+        )
     rows.append(("truncated", f"{stats.truncated:,}"))
     rows.append(("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_target:,} with no trained token"))
     share = stats.trained_tokens / max(stats.tokens, 1)
@@ -73,8 +84,13 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
     padding = padding_efficiency(prepared.train, batch_size)
     rows.append((f"padding efficiency (batches of {batch_size})", f"{padding:.1%}"))
     if packing:
-        rows.append(("packing efficiency", f"{packing['efficiency']:.1%} ({packing['examples']:,} examples in "
-                     f"{packing['sequences']:,} {packing['strategy']} packs of {packing['max_length']})"))
+        rows.append(
+            (
+                "packing efficiency",
+                f"{packing['efficiency']:.1%} ({packing['examples']:,} examples in "
+                f"{packing['sequences']:,} {packing['strategy']} packs of {packing['max_length']})",
+            )
+        )
     rows.append(("cache", f"{stats.cache}" + (f" · {stats.cache_path}" if stats.cache_path else "")))
     return rows
 

@@ -90,8 +90,9 @@ class TokenRules:
     def of(cls, tokenizer) -> TokenRules:
         from qlora_kit.model import end_of_turn_ids
 
-        return cls(tokenizer.bos_token_id, adds_bos(tokenizer), tokenizer.eos_token_id,
-                   frozenset(end_of_turn_ids(tokenizer)))
+        return cls(
+            tokenizer.bos_token_id, adds_bos(tokenizer), tokenizer.eos_token_id, frozenset(end_of_turn_ids(tokenizer))
+        )
 
 
 def adds_bos(tokenizer) -> bool:

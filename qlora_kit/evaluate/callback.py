@@ -14,8 +14,9 @@ from qlora_kit.evaluate.generation import GenerationSettings, exact_match, gener
 class GenerationEvalCallback(TrainerCallback):
     """Every ``every_steps`` optimizer steps, generate greedily on held-out prompts and log ``eval_exact_match``."""
 
-    def __init__(self, trainer, tokenizer, pairs: list[tuple[str, str]], every_steps: int,
-                 settings: GenerationSettings) -> None:
+    def __init__(
+        self, trainer, tokenizer, pairs: list[tuple[str, str]], every_steps: int, settings: GenerationSettings
+    ) -> None:
         self.trainer = trainer
         self.tokenizer = tokenizer
         self.prompts = [p for p, _ in pairs]

@@ -47,8 +47,14 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def heldout_loss(model, dataset, pad_token_id: int, batch_size: int = 8, max_examples: int | None = None,
-                 advance: Advance | None = None) -> float:
+def heldout_loss(
+    model,
+    dataset,
+    pad_token_id: int,
+    batch_size: int = 8,
+    max_examples: int | None = None,
+    advance: Advance | None = None,
+) -> float:
     """Mean cross-entropy per trained token (labels != -100), summed over all examples before dividing.
 
     Per-batch means would weight short examples more; summing token losses gives the loss the data defines.
@@ -69,7 +75,9 @@ def heldout_loss(model, dataset, pad_token_id: int, batch_size: int = 8, max_exa
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
         shifted = labels[:, 1:].to(device)
         losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.size(-1)), shifted.reshape(-1), ignore_index=IGNORE_INDEX,
+            logits[:, :-1].reshape(-1, logits.size(-1)),
+            shifted.reshape(-1),
+            ignore_index=IGNORE_INDEX,
             reduction="sum",
         )
         total += losses.item()
@@ -87,8 +95,9 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, encoded: list[list[int]], settings: GenerationSettings,
-                 advance: Advance | None = None) -> list[list[int]]:
+def generate_ids(
+    model, tokenizer, encoded: list[list[int]], settings: GenerationSettings, advance: Advance | None = None
+) -> list[list[int]]:
     """Generated token ids per prompt (stop tokens and padding removed), batched with left padding.
 
     Prompts are sorted by length so each batch holds similar lengths and little compute goes to padding; results
@@ -129,8 +138,15 @@ def generate_ids(model, tokenizer, encoded: list[list[int]], settings: Generatio
     return [outputs[i] for i in range(len(encoded))]
 
 
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 8,
-             settings: GenerationSettings | None = None, advance: Advance | None = None) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int = 48,
+    batch_size: int = 8,
+    settings: GenerationSettings | None = None,
+    advance: Advance | None = None,
+) -> list[str]:
     """Answers to rendered prompts: batched, left-padded, stopping at EOS or the template's end-of-turn token.
 
     Greedy unless ``settings`` asks for sampling; ``settings`` (when given) overrides max_new_tokens and batch_size.
@@ -150,8 +166,9 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return sum(normalize(p) == normalize(r) for p, r in zip(predictions, references, strict=True)) / len(references)
 
 
-def compare_base_and_tuned(peft_model, tokenizer, eval_dataset, pairs: list[tuple[str, str]], max_examples: int,
-                           max_new_tokens: int) -> dict[str, Any]:
+def compare_base_and_tuned(
+    peft_model, tokenizer, eval_dataset, pairs: list[tuple[str, str]], max_examples: int, max_new_tokens: int
+) -> dict[str, Any]:
     """Held-out loss and greedy answers of the base (adapter disabled) and the tuned model, on the same examples."""
     report: dict[str, Any] = {"examples": 0, "samples": []}
     prompts, references = [p for p, _ in pairs], [r for _, r in pairs]

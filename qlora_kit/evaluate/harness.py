@@ -47,8 +47,9 @@ def task_manager(section: LmEvalSection):
     return manager
 
 
-def run_tasks(model, tokenizer, section: LmEvalSection, manager,
-              max_length: int | None = None) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
+def run_tasks(
+    model, tokenizer, section: LmEvalSection, manager, max_length: int | None = None
+) -> tuple[dict[str, dict[str, float]], dict[str, int]]:
     """Run the recipe's tasks on one model.
 
     Returns {task: {metric: value}} with lm-eval's filter suffix removed, and {task: documents evaluated}.

@@ -101,9 +101,11 @@ def markdown(report: dict[str, Any]) -> str:
     header = ["metric", *models, *(f"Δ {m}" for m in changed)]
     lines = [f"# Evaluation of {report['run_dir']}", ""]
     examples = report["examples"]
-    lines.append(f"Held-out examples: {examples['loss']} scored for loss, {examples['generation']} generated "
-                 f"({report['settings']['generation_mode']}). ↓ marks metrics where lower is better; ✓ marks a "
-                 "change for the better against the base.")
+    lines.append(
+        f"Held-out examples: {examples['loss']} scored for loss, {examples['generation']} generated "
+        f"({report['settings']['generation_mode']}). ↓ marks metrics where lower is better; ✓ marks a "
+        "change for the better against the base."
+    )
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" + "---:|" * (len(header) - 1)]
     keys = list(dict.fromkeys(k for m in models for k in report["metrics"][m]))
     for key in keys:
@@ -111,8 +113,19 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [_fmt(report["metrics"][m].get(key)) for m in models]
         cells += [_delta(report["deltas"][m].get(key), key) for m in changed]
         lines.append("| " + " | ".join([label, *cells]) + " |")
-    lines += ["", "## Settings", "", "```json", json.dumps(report["settings"], indent=2), "```", "",
-              "## Versions", "", ", ".join(f"{k} {v}" for k, v in report["versions"].items()), ""]
+    lines += [
+        "",
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(report["settings"], indent=2),
+        "```",
+        "",
+        "## Versions",
+        "",
+        ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
+        "",
+    ]
     return "\n".join(lines)
 
 

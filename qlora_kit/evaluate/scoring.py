@@ -59,8 +59,10 @@ def _evaluate_module(path: str, spec: str) -> ScoreFn:
     try:
         module = evaluate.load(path, keep_in_memory=True)
     except ImportError as exc:
-        raise UserError(f"eval.metrics: {spec} needs a package that is not installed ({exc}); the built-in metrics "
-                        "need the metrics extra: pip install 'qlora-kit[metrics]'") from None
+        raise UserError(
+            f"eval.metrics: {spec} needs a package that is not installed ({exc}); the built-in metrics "
+            "need the metrics extra: pip install 'qlora-kit[metrics]'"
+        ) from None
     except FileNotFoundError as exc:
         raise UserError(f"eval.metrics: {spec}: {exc}") from None
 

@@ -24,8 +24,17 @@ from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_
 from qlora_kit.evaluate.scoring import load_metrics, score
 from qlora_kit.recipe import Recipe, load_recipe
 
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "evaluate", "lm_eval",
-                      "rouge_score", "sacrebleu")
+VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "evaluate",
+    "lm_eval",
+    "rouge_score",
+    "sacrebleu",
+)
 
 # (description, total) -> a function told how many items finished; the CLI draws rich progress bars with it.
 ProgressFactory = Callable[[str, int], Callable[[int], None]]
@@ -56,8 +65,10 @@ def check_run_dir(run_dir: Path) -> Path:
         raise UserError(f"run directory {run_dir} does not exist: give a directory written by qlora-kit train")
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"run directory {run_dir} has no adapter ({adapter}/adapter_config.json is missing): "
-                        "give a directory written by qlora-kit train")
+        raise UserError(
+            f"run directory {run_dir} has no adapter ({adapter}/adapter_config.json is missing): "
+            "give a directory written by qlora-kit train"
+        )
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"run directory {run_dir} has no recipe.yaml: give a directory written by qlora-kit train")
     return adapter
@@ -102,8 +113,12 @@ def load_merged(recipe: Recipe, merged_dir: Path):
 
     dtype = torch.float32 if not torch.cuda.is_available() else model_stage.compute_dtype(recipe)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, device_map=model_stage.device_map(),
-                                                    attn_implementation=recipe.model.attn_implementation)
+        return AutoModelForCausalLM.from_pretrained(
+            str(merged_dir),
+            dtype=dtype,
+            device_map=model_stage.device_map(),
+            attn_implementation=recipe.model.attn_implementation,
+        )
     except (OSError, ValueError) as exc:
         raise UserError(f"merged model {merged_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
 
@@ -116,8 +131,9 @@ def _no_progress(_description: str, _total: int) -> Callable[[int], None]:
     return lambda _n: None
 
 
-def measure(model, tokenizer, work: HeldOut, recipe: Recipe, metrics, progress: ProgressFactory,
-            name: str) -> tuple[dict[str, float], list[str]]:
+def measure(
+    model, tokenizer, work: HeldOut, recipe: Recipe, metrics, progress: ProgressFactory, name: str
+) -> tuple[dict[str, float], list[str]]:
     """Loss, perplexity and generation metrics of one model on the held-out work; also its answers."""
     values: dict[str, float] = {}
     if work.dataset is not None:
@@ -127,8 +143,9 @@ def measure(model, tokenizer, work: HeldOut, recipe: Recipe, metrics, progress: 
     answers: list[str] = []
     if work.prompts:
         settings = GenerationSettings.from_recipe(recipe.eval)
-        answers = generate(model, tokenizer, work.prompts, settings=settings,
-                           advance=progress(f"{name}: generate", len(work.prompts)))
+        answers = generate(
+            model, tokenizer, work.prompts, settings=settings, advance=progress(f"{name}: generate", len(work.prompts))
+        )
         values.update(score(metrics, answers, work.references))
     return values, answers
 
@@ -144,8 +161,14 @@ def _as(peft_model, name: str) -> Iterator[None]:
 # The stage
 
 
-def run_eval(run_dir: Path, overrides: list[str] | None = None, force: bool = False, merged_dir: Path | None = None,
-             progress: ProgressFactory | None = None, log: Callable[[str], None] | None = None) -> EvalResult:
+def run_eval(
+    run_dir: Path,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    merged_dir: Path | None = None,
+    progress: ProgressFactory | None = None,
+    log: Callable[[str], None] | None = None,
+) -> EvalResult:
     """Evaluate a training run and write eval.json, eval.md, eval.png and samples.jsonl into it."""
     started = time.perf_counter()
     log = log or (lambda _line: None)
@@ -160,8 +183,10 @@ def run_eval(run_dir: Path, overrides: list[str] | None = None, force: bool = Fa
     manager = harness.task_manager(recipe.eval.lm_eval) if recipe.eval.lm_eval.tasks else None
     tokenizer = load_tokenizer(adapter_dir)
     work = held_out(recipe, tokenizer)
-    log(f"held-out: {len(work.dataset) if work.dataset is not None else 0} examples scored, "
-        f"{len(work.prompts)} prompts from {work.source}")
+    log(
+        f"held-out: {len(work.dataset) if work.dataset is not None else 0} examples scored, "
+        f"{len(work.prompts)} prompts from {work.source}"
+    )
 
     runner = _Runner(recipe, tokenizer, work, metrics, manager, progress or _no_progress, log)
     tuned = model_stage.load_adapter_model(recipe, adapter_dir, tokenizer)
@@ -173,8 +198,9 @@ def run_eval(run_dir: Path, overrides: list[str] | None = None, force: bool = Fa
         log(f"merged model: {merged_dir}")
         runner.run("merged", load_merged(recipe, merged_dir))
 
-    full = build_report(run_dir, recipe, work, runner.results, merged_dir if "merged" in runner.results else None,
-                        started)
+    full = build_report(
+        run_dir, recipe, work, runner.results, merged_dir if "merged" in runner.results else None, started
+    )
     if runner.task_counts:
         full["examples"]["lm_eval"] = runner.task_counts
     samples = report.sample_rows(work.prompts, work.references, runner.outputs) if work.prompts else []
@@ -198,8 +224,9 @@ class _Runner:
     task_counts: dict[str, int] = field(default_factory=dict)
 
     def run(self, name: str, model) -> None:
-        values, self.outputs[name] = measure(model, self.tokenizer, self.work, self.recipe, self.metrics,
-                                             self.progress, name)
+        values, self.outputs[name] = measure(
+            model, self.tokenizer, self.work, self.recipe, self.metrics, self.progress, name
+        )
         if self.manager is not None:
             values.update(self._benchmarks(name, model))
         self.results[name] = values
@@ -213,8 +240,14 @@ class _Runner:
         return {f"lm_eval/{task}/{metric}": v for task, values in tasks.items() for metric, v in values.items()}
 
 
-def build_report(run_dir: Path, recipe: Recipe, work: HeldOut, results: dict[str, dict[str, float]],
-                 merged_dir: Path | None, started: float) -> dict[str, Any]:
+def build_report(
+    run_dir: Path,
+    recipe: Recipe,
+    work: HeldOut,
+    results: dict[str, dict[str, float]],
+    merged_dir: Path | None,
+    started: float,
+) -> dict[str, Any]:
     settings = GenerationSettings.from_recipe(recipe.eval)
     return {
         "run_dir": str(run_dir),
