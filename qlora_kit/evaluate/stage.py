@@ -102,7 +102,8 @@ def load_merged(recipe: Recipe, merged_dir: Path):
 
     dtype = torch.float32 if not torch.cuda.is_available() else model_stage.compute_dtype(recipe)
     try:
-        return AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, device_map=model_stage.device_map(),
+        return AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype,
+                                                    device_map=model_stage.device_map(recipe),
                                                     attn_implementation=recipe.model.attn_implementation)
     except (OSError, ValueError) as exc:
         raise UserError(f"merged model {merged_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
