@@ -187,8 +187,8 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
 
         # Wrap LoRA layers on their own, so FSDP never flattens trainable and frozen weights into one tensor.
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
-    if not config.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
+    # In a terminal, the usual bar with one short line per log; a notebook keeps transformers' own HTML table.
+    if not config.disable_tqdm and trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(_progress_callback())
     return trainer
 
@@ -227,12 +227,11 @@ def training_metrics(trainer, runtime_s: float, loss_tokens: int) -> dict[str, A
 
 
 def plot_loss(log_history: list[dict], path: Path) -> None:
-    import matplotlib
+    # A bare Figure, not pyplot: no global backend switched, so a notebook calling train() keeps drawing inline.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     for key, label in (("loss", "train"), ("eval_loss", "eval")):
         points = [(e["step"], e[key]) for e in log_history if key in e]
         if points:
@@ -244,7 +243,6 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------

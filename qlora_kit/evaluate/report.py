@@ -131,16 +131,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """One small bar chart per metric (their scales differ), bars for base, tuned and merged side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: the caller's matplotlib backend is left alone
 
     models = list(report["metrics"])
     keys = list(dict.fromkeys(k for m in models for k in report["metrics"][m]))
     columns = min(4, max(len(keys), 1))
     rows = (len(keys) + columns - 1) // columns or 1
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * columns, 2.6 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     colors = {"base": "#9e9e9e", "tuned": "#1f77b4", "merged": "#ff7f0e"}
     for ax, key in zip(axes.flat, keys, strict=False):
         values = [report["metrics"][m].get(key, float("nan")) for m in models]
@@ -154,4 +152,3 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"base vs tuned{' vs merged' if 'merged' in models else ''}: {Path(report['run_dir']).name}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -116,7 +116,7 @@ def load_merged(recipe: Recipe, merged_dir: Path):
         return AutoModelForCausalLM.from_pretrained(
             str(merged_dir),
             dtype=dtype,
-            device_map=model_stage.device_map(),
+            device_map=model_stage.device_map(recipe),
             attn_implementation=recipe.model.attn_implementation,
         )
     except (OSError, ValueError) as exc:

@@ -129,7 +129,7 @@ def merged_pass(
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=model_stage.device_map(), output_loading_info=True
+        folder, dtype=dtype, device_map=model_stage.device_map(recipe), output_loading_info=True
     )
     problems = {key: sorted(value) for key, value in info.items() if value and key != "error_msgs"}
     diffs = {"max": 0.0, "sum": 0.0, "count": 0}
