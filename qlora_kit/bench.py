@@ -275,7 +275,7 @@ def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float)
         recipe.model.name_or_path,
         quantization_config=model_stage.quantization_config(recipe),
         dtype=model_stage.compute_dtype(recipe),
-        device_map=model_stage.device_map(),
+        device_map=model_stage.device_map(recipe),
     )
     lora = recipe.lora
     peft_config = LoraConfig(
@@ -488,7 +488,7 @@ def generation_models(path: Path):
         from transformers import AutoModelForCausalLM
 
         merged = AutoModelForCausalLM.from_pretrained(
-            path / "merged", dtype=model_stage.compute_dtype(recipe), device_map=model_stage.device_map()
+            path / "merged", dtype=model_stage.compute_dtype(recipe), device_map=model_stage.device_map(recipe)
         )
         variants.append(("merged", merged, nullcontext))
     return tokenizer, model_stage.compute_dtype(recipe), variants
