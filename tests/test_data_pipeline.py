@@ -133,6 +133,17 @@ def test_cache_hits_when_nothing_changed_and_misses_on_template_or_data_bytes(
     assert len(entries) == 4 and all((e / "stats.json").is_file() for e in entries)
 
 
+def test_moved_data_misses_so_statistics_name_the_current_path(tmp_path, tiny_model_dir, demo_tokenizer):
+    rows = [chat(f"q{i}", f"a{i}") for i in range(6)]
+    first, moved = write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", rows)
+    built = [
+        data.build_datasets(recipe_for(tmp_path, tiny_model_dir, [{"path": str(p)}]), demo_tokenizer)
+        for p in (first, moved)
+    ]
+    assert [b.stats.cache for b in built] == ["miss", "miss"]
+    assert list(built[1].stats.rows) == [str(moved)]
+
+
 def test_bad_input_leaves_nothing_in_the_cache(tmp_path, tiny_model_dir, demo_tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [chat("a", "b"), {"messages": [{"role": "user", "content": "?"}]}])
     recipe = recipe_for(tmp_path, tiny_model_dir, [{"path": str(path)}])

@@ -56,7 +56,11 @@ def source_fingerprint(source: DataSource) -> dict[str, Any]:
         }
     root = Path(source.path).expanduser()
     base = root if root.is_dir() else None
-    return {"files": [[str(p.relative_to(base)) if base else p.name, file_digest(p)] for p in files]}
+    # The path as written is part of the key too: the cached statistics and error locations name it.
+    return {
+        "path": source.path,
+        "files": [[str(p.relative_to(base)) if base else p.name, file_digest(p)] for p in files],
+    }
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
