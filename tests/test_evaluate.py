@@ -107,9 +107,9 @@ def test_tuned_beats_base_on_loss_and_answers(evaluated, run_dir):
     base, tuned = evaluated["metrics"]["base"], evaluated["metrics"]["tuned"]
     assert tuned["eval_loss"] < base["eval_loss"] - 1.0
     assert tuned["perplexity"] == pytest.approx(math.exp(tuned["eval_loss"]))
-    # A 30-step fine-tune teaches the answer format (short answers that stop at the end of turn) before the facts:
-    # exact match may still be 0 for both, but the tuned answers are closer to the references than the base's.
-    assert tuned["exact_match"] >= base["exact_match"]
+    # A 30-step fine-tune mostly teaches the answer format (short answers that stop at the end of turn); the base
+    # never answers in that format, so any exact hit is the adapter's. Training is deterministic on CPU.
+    assert tuned["exact_match"] > base["exact_match"]
     assert evaluated["deltas"]["tuned"]["exact_match"] == pytest.approx(tuned["exact_match"] - base["exact_match"])
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert sum(r["similarity"]["tuned"] for r in rows) > sum(r["similarity"]["base"] for r in rows) + 0.1 * len(rows)
