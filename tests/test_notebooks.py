@@ -45,7 +45,12 @@ def kernel_env(jupyter_dirs, monkeypatch):
 
 
 def test_notebooks_are_found():
-    expected = {"01_quickstart.ipynb", "02_concepts.ipynb", "03_merge_and_deploy.ipynb"}
+    expected = {
+        "01_quickstart.ipynb",
+        "02_concepts.ipynb",
+        "03_merge_and_deploy.ipynb",
+        "04_benchmark_and_plan.ipynb",
+    }
     assert expected <= {p.name for p in NOTEBOOKS}
 
 
