@@ -220,9 +220,10 @@ def test_batched_generation_equals_one_at_a_time(adapter_model):
     prompts = [
         tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True) for r in rows
     ]
-    prompts = sorted(set(prompts), key=len)
-    prompts = [prompts[0], prompts[-1], prompts[len(prompts) // 2]]  # mixed lengths: real left padding
-    assert len({len(tokenizer(p)["input_ids"]) for p in prompts}) == 3
+    by_length = {len(tokenizer(p)["input_ids"]): p for p in sorted(set(prompts))}
+    lengths = sorted(by_length)
+    prompts = [by_length[lengths[0]], by_length[lengths[-1]], by_length[lengths[len(lengths) // 2]]]
+    assert len(lengths) >= 3  # three different token lengths: real left padding in the batch
     for context in (model.disable_adapter, nullcontext):  # the base rambles to the limit, the tuned model stops
         with context():
             one = [
