@@ -134,33 +134,20 @@ class _Getter:
 
 
 def _messages(value: Any, row: Row, key: str) -> list[dict[str, str]]:
-    if not isinstance(value, list):
-        raise RowError(row.where, f"'{key}' must be a list of {{role, content}} objects", "messages not a list")
-    if not value:
-        raise RowError(
-            row.where,
-            f"'{key}' must be a non-empty list: an empty conversation has nothing to learn",
-            "empty conversation",
-        )
-    out = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise RowError(row.where, f"{key}[{i}] must be an object with 'role' and 'content'", "malformed message")
-        if message["role"] not in ROLES:
-            raise RowError(
-                row.where,
-                f"{key}[{i}] has unknown role {message['role']!r}: use one of {sorted(ROLES)}",
-                "unknown role",
-            )
-        if not isinstance(message["content"], str):
-            raise RowError(row.where, f"{key}[{i}].content must be text", "content not text")
-        out.append({"role": message["role"], "content": message["content"]})
-    return out
+    return _turns(value, row, key, "role", "content", {role: role for role in ROLES})
 
 
 def _sharegpt(value: Any, row: Row, key: str) -> list[dict[str, str]]:
+    return _turns(value, row, key, "from", "value", SHAREGPT_ROLES)
+
+
+def _turns(value: Any, row: Row, key: str, role_key: str, text_key: str, roles: dict) -> list[dict[str, str]]:
+    """Validate a list of turns named ``role_key``/``text_key`` and return them as role/content messages."""
     if not isinstance(value, list):
-        raise RowError(row.where, f"'{key}' must be a list of {{from, value}} objects", "conversations not a list")
+        kind = "messages" if role_key == "role" else "conversations"
+        raise RowError(
+            row.where, f"'{key}' must be a list of {{{role_key}, {text_key}}} objects", f"{kind} not a list"
+        )
     if not value:
         raise RowError(
             row.where,
@@ -169,17 +156,19 @@ def _sharegpt(value: Any, row: Row, key: str) -> list[dict[str, str]]:
         )
     out = []
     for i, turn in enumerate(value):
-        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RowError(row.where, f"{key}[{i}] must be an object with 'from' and 'value'", "malformed message")
-        if turn["from"] not in SHAREGPT_ROLES:
+        if not isinstance(turn, dict) or role_key not in turn or text_key not in turn:
+            raise RowError(
+                row.where, f"{key}[{i}] must be an object with '{role_key}' and '{text_key}'", "malformed message"
+            )
+        if turn[role_key] not in roles:
             raise RowError(
                 row.where,
-                f"{key}[{i}] has unknown role {turn['from']!r}: use one of {sorted(SHAREGPT_ROLES)}",
+                f"{key}[{i}] has unknown role {turn[role_key]!r}: use one of {sorted(roles)}",
                 "unknown role",
             )
-        if not isinstance(turn["value"], str):
-            raise RowError(row.where, f"{key}[{i}].value must be text", "content not text")
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+        if not isinstance(turn[text_key], str):
+            raise RowError(row.where, f"{key}[{i}].{text_key} must be text", "content not text")
+        out.append({"role": roles[turn[role_key]], "content": turn[text_key]})
     return out
 
 
