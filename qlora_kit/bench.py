@@ -4,7 +4,7 @@
 that side's alone, and prints both sides and their ratio from the same invocation. Tokens are counted from the batches
 the trainer actually computes the loss on:
 
-    processed tokens  real tokens of the examples (attention_mask sum; padding-free batches have no padding)
+    processed tokens  real tokens of the examples (attention_mask sum, or the non-pad tokens of packed rows)
     loss tokens       labels != -100 after the shift by one (what the loss is averaged over)
     padded tokens     input_ids.numel(): the positions the model computes, padding included
 
@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit.data.collate import real_token_count
 from qlora_kit.errors import UserError
 from qlora_kit.plan import ARCH_PREFIX, arch_config
 
@@ -116,11 +117,9 @@ class Meter:
         self.pending = {"processed": 0, "loss": 0, "padded": 0}
         self.last = started
 
-    def count(self, inputs: dict[str, Any]) -> None:
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        self.pending["padded"] += ids.numel()
-        self.pending["processed"] += int(mask.sum()) if mask is not None else ids.numel()
+    def count(self, inputs: dict[str, Any], pad_token_id: int | None) -> None:
+        self.pending["padded"] += inputs["input_ids"].numel()
+        self.pending["processed"] += real_token_count(inputs, pad_token_id)
         self.pending["loss"] += int((inputs["labels"][..., 1:] != -100).sum())
 
     def callback(self):
@@ -145,9 +144,11 @@ class Meter:
     def attach(self, trainer) -> None:
         compute_loss = trainer.compute_loss
 
+        pad_token_id = trainer.processing_class.pad_token_id
+
         def counting(model, inputs, *args, **kwargs):
             if model.training:
-                self.count(inputs)
+                self.count(inputs, pad_token_id)
             return compute_loss(model, inputs, *args, **kwargs)
 
         trainer.compute_loss = counting

@@ -151,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_kit.data import build_datasets, preview
+    from qlora_kit.launch import packs
     from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import load_recipe, training_args
 
@@ -167,7 +168,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         recipe.data.max_length,
         training["per_device_train_batch_size"],
         training.get("packing_strategy", "bfd"),
-        bool(training.get("packing")),
+        packs(recipe),
     )
     return 0
 

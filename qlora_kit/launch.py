@@ -284,20 +284,37 @@ def check_idle_gpus(recipe: Recipe, plan: Plan, hardware: Hardware) -> list[str]
     ]
 
 
+def packs(recipe: Recipe) -> bool:
+    """Whether training packs: the recipe's training.packing when set, else on wherever the model's attention keeps
+    packed examples apart (every model whose code uses transformers' masking utils, or a flash-attention kernel)."""
+    if "packing" in recipe.training:
+        return bool(recipe.training["packing"])
+    return bool(training_args(recipe).get("packing")) and _keeps_examples_apart(recipe)
+
+
+def _keeps_examples_apart(recipe: Recipe) -> bool:
+    from qlora_kit.model import attention_kernel
+
+    return attention_kernel(recipe).startswith("flash_attention") or _masks_packed_sequences(recipe)
+
+
 def check_packing(recipe: Recipe) -> list[str]:
-    """Packed examples must not attend to each other: bfd packing plus a kernel that reads sequence boundaries."""
+    """Packed examples must not attend to each other: bfd packing plus a kernel that reads sequence boundaries.
+
+    Only packing the recipe asks for is checked; the default switches itself off where it would not be safe.
+    """
     args = training_args(recipe)
-    if not (args.get("packing") or args.get("padding_free")):
-        return []
-    if args.get("packing") and args.get("packing_strategy", "bfd") == "wrapped":
+    if packs(recipe) and args.get("packing_strategy", "bfd") == "wrapped":
         return [
             "training.packing_strategy: 'wrapped' cuts examples and lets them attend to each other: use bfd, "
             "which keeps examples whole and marks their boundaries"
         ]
-    kernel = recipe.model.attn_implementation
-    if kernel.startswith("flash_attention"):
-        return []  # varlen kernels take the boundaries from position_ids / cu_seq_lens
-    if not _masks_packed_sequences(recipe):
+    if not (recipe.training.get("packing") or args.get("padding_free")):
+        return []
+    from qlora_kit.model import attention_kernel
+
+    kernel = attention_kernel(recipe)
+    if not _keeps_examples_apart(recipe):
         return [
             f"model.attn_implementation: {kernel} with this model's attention code cannot tell packed examples "
             "apart, so they would attend to each other: use flash_attention_2, or set training.packing: false"

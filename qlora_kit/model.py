@@ -6,6 +6,7 @@ model learns to stop), a chat template for base models that have none, and safet
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,21 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     return DTYPES[name]
+
+
+def attention_kernel(recipe: Recipe) -> str:
+    """The recipe's attention kernel; for auto, flash-attention 2 where it runs (an Ampere or newer GPU, the
+    flash-attn package, 16-bit compute: it reads packed sequence boundaries itself), else PyTorch's sdpa."""
+    requested = recipe.model.attn_implementation
+    if requested != "auto":
+        return requested
+    flash_runs = (
+        torch.cuda.is_available()
+        and compute_dtype(recipe) in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+        and torch.cuda.get_device_capability()[0] >= 8
+    )
+    return "flash_attention_2" if flash_runs else "sdpa"
 
 
 def weights_dtype(recipe: Recipe) -> torch.dtype:
@@ -169,7 +185,7 @@ def load_base_model(recipe: Recipe, tokenizer=None):
         **_pretrained_kwargs(recipe),
         quantization_config=quantization_config(recipe),
         dtype=weights_dtype(recipe),
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=attention_kernel(recipe),
         device_map=device_map(recipe),
         use_safetensors=None if recipe.model.allow_pickle else True,
     )

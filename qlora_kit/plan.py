@@ -396,7 +396,8 @@ def predict(shape: Shape, s: Settings) -> Plan:
 
 def settings_from_recipe(recipe, on_gpu: bool) -> Settings:
     """Read the memory-relevant values out of a validated recipe, resolving 'auto' dtypes for the target machine."""
-    from qlora_kit.recipe import training_args
+    from qlora_kit.model import attention_kernel
+    from qlora_kit.recipe import machine_training_defaults, training_args
 
     args = training_args(recipe)
     quant = recipe.quantization
@@ -413,25 +414,13 @@ def settings_from_recipe(recipe, on_gpu: bool) -> Settings:
         r=recipe.lora.r,
         targets=lora_targets(recipe.lora.target_modules),
         lora_dropout=recipe.lora.lora_dropout,
-        optim=str(args.get("optim") or default_optimizer()),
+        optim=str(args.get("optim") or machine_training_defaults(on_gpu)["optim"]),
         batch_size=int(args["per_device_train_batch_size"]),
         length=recipe.data.max_length,
         gradient_checkpointing=bool(args.get("gradient_checkpointing", True)),
-        attn_implementation=recipe.model.attn_implementation,
+        attn_implementation=attention_kernel(recipe),
         lora_bytes=2 if compute == "bfloat16" else 4,
         unquantized_bytes=4 if bits else DTYPE_BYTES[weights],
-    )
-
-
-def default_optimizer() -> str:
-    from transformers import TrainingArguments
-
-    return str(
-        getattr(
-            TrainingArguments.__dataclass_fields__["optim"].default,
-            "value",
-            TrainingArguments.__dataclass_fields__["optim"].default,
-        )
     )
 
 

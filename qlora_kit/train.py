@@ -19,9 +19,10 @@ import torch
 from qlora_kit import checkpoints, launch
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import compare_base_and_tuned
-from qlora_kit.recipe import Recipe, resolved_dict, to_yaml, training_args
+from qlora_kit.recipe import Recipe, machine_training_defaults, resolved_dict, to_yaml, training_args
 
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
 
@@ -92,8 +93,10 @@ def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool):
     """trl's SFTConfig from the recipe; precision follows the compute dtype (no silent fp32 on GPU or bf16 on CPU)."""
     from trl import SFTConfig
 
-    args = training_args(recipe)
+    args = {**training_args(recipe), "packing": launch.packs(recipe)}
     dtype = model_stage.compute_dtype(recipe)
+    for key, value in machine_training_defaults(torch.cuda.is_available()).items():
+        args.setdefault(key, value)
     args.setdefault("bf16", dtype == torch.bfloat16)
     args.setdefault("fp16", dtype == torch.float16)
     # Without a GPU, several processes must still form one DDP group (gloo); Trainer only does that with use_cpu.
@@ -151,6 +154,15 @@ def keep_adapter_dtype(model, adapter_weights: dict[str, torch.Tensor], dtype: t
             param.data = original
 
 
+def keep_packed_rows_apart(trainer, model, config) -> bool:
+    """Swap trl's one-row padding-free collator for separate packed rows unless the kernel is varlen (see collate)."""
+    kernel = getattr(model.config, "_attn_implementation", None)
+    if not getattr(trainer, "padding_free", False) or kernel in VARLEN_KERNELS:
+        return False
+    trainer.data_collator = PackedRowsCollator(trainer.processing_class.pad_token_id, config.pad_to_multiple_of)
+    return True
+
+
 def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.PreparedData, output_dir: Path):
     from transformers.trainer_callback import ProgressCallback
     from trl import SFTTrainer
@@ -163,9 +175,16 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         _last_log = (0, time.perf_counter())
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            if self.model.training:
-                TokenCountingTrainer.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
-            return super().compute_loss(model, inputs, *args, **kwargs)
+            if not self.model.training:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+            TokenCountingTrainer.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
+            counted = self._total_train_tokens
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+            if isinstance(self.data_collator, PackedRowsCollator):
+                # trl counts one row's width when there is no attention mask; count every row's real tokens.
+                real = torch.tensor(real_token_count(inputs, self.data_collator.pad_token_id), device=self.args.device)
+                self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+            return result
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs:
@@ -182,6 +201,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         processing_class=tokenizer,
     )
     keep_adapter_dtype(model, adapter_weights, model_stage.compute_dtype(recipe))
+    keep_packed_rows_apart(trainer, model, config)
     if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
         from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -353,6 +373,9 @@ def _write_outputs(trainer, recipe: Recipe, staging: Path, metrics: dict[str, An
     resolved = resolved_dict(recipe)
     # Record what "auto" became on this machine, so the run can be reproduced elsewhere.
     resolved["quantization"]["bnb_4bit_compute_dtype"] = str(model_stage.compute_dtype(recipe)).removeprefix("torch.")
+    resolved["model"]["attn_implementation"] = model_stage.attention_kernel(recipe)
+    resolved["training"] = {**machine_training_defaults(torch.cuda.is_available()), **resolved["training"]}
+    resolved["training"]["packing"] = launch.packs(recipe)
     (staging / "recipe.yaml").write_text(to_yaml(resolved))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss(trainer.state.log_history, staging / "loss_curve.png")

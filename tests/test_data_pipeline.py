@@ -241,6 +241,65 @@ def test_packed_examples_never_attend_to_each_other(tiny_model_dir, demo_tokeniz
     )
 
 
+def test_packed_rows_collator_keeps_rows_apart_and_examples_unseen(tiny_model_dir, demo_tokenizer):
+    """qlora-kit's sdpa/eager collator: one batch slot per packed row, and every example gets the logits it gets
+    alone, while padding and example starts stay out of the loss."""
+    from transformers import LlamaForCausalLM
+    from trl.data_utils import pack_dataset
+
+    from qlora_kit.data.collate import PackedRowsCollator, real_token_count
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    packed = pack_dataset(mixed_length_dataset(12, seed=1), 128, "bfd")
+    pad = demo_tokenizer.pad_token_id
+    batch = PackedRowsCollator(pad_token_id=pad)([packed[i] for i in range(len(packed))])
+    rows, width = batch["input_ids"].shape
+    assert rows == len(packed) > 1 and width == max(len(ids) for ids in packed["input_ids"])
+    assert "attention_mask" not in batch  # the per-example mask comes from position_ids
+    assert real_token_count(batch, pad) == sum(sum(lengths) for lengths in packed["seq_lengths"]) < rows * width
+    with torch.no_grad():
+        together = model(**{k: batch[k] for k in ("input_ids", "position_ids")}, use_cache=False).logits
+        for row, lengths in enumerate(packed["seq_lengths"]):
+            start = 0
+            for length in lengths:
+                assert batch["position_ids"][row, start] == 0 and batch["labels"][row, start] == data.IGNORE_INDEX
+                alone = model(input_ids=batch["input_ids"][row : row + 1, start : start + length], use_cache=False)
+                torch.testing.assert_close(together[row, start : start + length], alone.logits[0], atol=1e-5, rtol=0)
+                start += length
+            assert (batch["labels"][row, start:] == data.IGNORE_INDEX).all()  # the row's padding
+            assert (batch["input_ids"][row, start:] == pad).all()
+        # The check can fail: without the position ids the second example of a row sees the first.
+        row = next(r for r, lengths in enumerate(packed["seq_lengths"]) if len(lengths) > 1)
+        first, second = packed["seq_lengths"][row][:2]
+        leaky = model(input_ids=batch["input_ids"][row : row + 1], use_cache=False).logits[0]
+    assert not torch.allclose(leaky[first : first + second], together[row, first : first + second], atol=1e-3)
+
+
+def test_trainer_collates_packed_rows_apart_unless_the_kernel_is_varlen(tmp_path, tiny_model_dir, arithmetic_rows):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from qlora_kit import model as model_stage
+    from qlora_kit.data.collate import PackedRowsCollator
+    from qlora_kit.train import keep_packed_rows_apart, make_trainer
+
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, per_device_train_batch_size=2))
+    assert recipe.training.get("packing") is None  # on by default
+    tokenizer = model_stage.load_tokenizer(recipe)
+    prepared = data.build_datasets(recipe, tokenizer)
+    model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
+    trainer = make_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
+    assert isinstance(trainer.data_collator, PackedRowsCollator)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["input_ids"].shape[0] == 2 and "position_ids" in batch  # two packed rows, not one long one
+    assert (batch["position_ids"] == 0).sum() > 2  # several examples per row
+    # A varlen kernel reads the boundaries itself: trl's one concatenated row stays (only the config is changed, no
+    # step is taken, since flash-attention needs a GPU).
+    model.config._attn_implementation = "flash_attention_2"
+    trainer = make_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
+    assert isinstance(trainer.data_collator, DataCollatorForLanguageModeling)
+    assert not keep_packed_rows_apart(trainer, model, trainer.args)
+
+
 def test_train_with_packing_end_to_end(tmp_path, tiny_model_dir, arithmetic_rows):
     from qlora_kit.train import train
 

@@ -221,6 +221,27 @@ def test_packing_needs_attention_that_keeps_examples_apart(tiny_model_dir, tmp_p
     )
     launch.preflight(flash, Plan(), CPU)
     launch.preflight(make_recipe(model={"name_or_path": str(tmp_path)}), Plan(), CPU)  # no packing, no check
+    # Packing is on by default wherever examples stay apart, and switches itself off where they would not.
+    assert launch.packs(make_recipe(model={"name_or_path": str(tiny_model_dir)}))
+    assert not launch.packs(make_recipe(model={"name_or_path": str(tmp_path)}))
+    assert not launch.packs(make_recipe(model={"name_or_path": str(tiny_model_dir)}, training={"packing": False}))
+
+
+def test_auto_attention_is_sdpa_without_a_gpu_and_an_explicit_kernel_is_kept(tiny_model_dir):
+    import importlib.util
+
+    import torch
+
+    from qlora_kit import model as model_stage
+
+    auto = make_recipe(model={"name_or_path": str(tiny_model_dir)})
+    assert auto.model.attn_implementation == "auto"
+    flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    assert model_stage.attention_kernel(auto) == ("flash_attention_2" if flash else "sdpa")
+    assert model_stage.load_base_model(auto).config._attn_implementation == model_stage.attention_kernel(auto)
+    eager = make_recipe(model={"name_or_path": str(tiny_model_dir), "attn_implementation": "eager"})
+    assert model_stage.attention_kernel(eager) == "eager"
+    assert model_stage.load_base_model(eager).config._attn_implementation == "eager"
 
 
 def test_reporting_backends_must_be_installed():

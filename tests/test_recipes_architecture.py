@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qlora_kit.errors import UserError
-from qlora_kit.model import attach_lora
+from qlora_kit.model import attach_lora, attention_kernel
 from qlora_kit.recipe import load_recipe
 
 from .conftest import DEMO_MODEL, REPO
@@ -120,7 +120,7 @@ def test_recipe_resolves_against_its_architecture(path: Path):
     recipe = load_recipe(path)
     name = RECIPE_ARCHITECTURES[str(path.relative_to(RECIPE_DIR))]
     values = architecture_config(name)
-    model = meta_model(values, recipe.model.attn_implementation)
+    model = meta_model(values, attention_kernel(recipe))
     assert type(model).__name__ == values["architectures"][0]
 
     # The config's values, not transformers' defaults, shaped the model.

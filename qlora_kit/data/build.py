@@ -362,7 +362,9 @@ def _build(recipe: Recipe, tokenizer, show_progress: bool | None) -> PreparedDat
 
 def _with_packing(recipe: Recipe, prepared: PreparedData) -> PreparedData:
     """When training packs, record how full the packs are (tokens that count ÷ tokens processed)."""
-    if recipe.training.get("packing"):
+    from qlora_kit.launch import packs
+
+    if packs(recipe):
         strategy = recipe.training.get("packing_strategy", "bfd")
         prepared.stats.packing = packing_stats(prepared.train, recipe.data.max_length, strategy)
     return prepared

@@ -117,7 +117,7 @@ def load_merged(recipe: Recipe, merged_dir: Path):
             str(merged_dir),
             dtype=dtype,
             device_map=model_stage.device_map(recipe),
-            attn_implementation=recipe.model.attn_implementation,
+            attn_implementation=model_stage.attention_kernel(recipe),
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"merged model {merged_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
