@@ -51,7 +51,7 @@ LORA_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # Hub names that differ from the shipped file name only by a suffix that does not change the shape.
 SHAPE_SUFFIXES = re.compile(r"-(instruct|chat|it|hf|base)(?=-|$)")
-ALIASES = {"mistral-7b-v0.1": "mistral-7b", "meta-llama-3.1-8b": "llama-3.1-8b", "meta-llama-3.1-70b": "llama-3.1-70b"}
+ALIASES = {"mistral-7b-v0.3": "mistral-7b", "mistral-7b-v0.1": "mistral-7b", "meta-llama-3.1-8b": "llama-3.1-8b", "meta-llama-3.1-70b": "llama-3.1-70b"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -71,6 +71,7 @@ class Shape:
     vocab: int
     tied: bool = False
     qkv_bias: bool = False
+    fused: bool = False  # Phi-3: one qkv_proj and one gate_up_proj instead of q/k/v and gate/up
     name: str = "model"
 
     @classmethod
@@ -88,12 +89,15 @@ class Shape:
             tied=bool(config.get("tie_word_embeddings", False)),
             # Qwen2 hard-codes biases on q, k and v; Llama exposes them as attention_bias.
             qkv_bias=bool(config.get("attention_bias", False)) or config.get("model_type") == "qwen2",
+            fused=config.get("model_type") == "phi3",
             name=name,
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer in one decoder layer."""
         h, i, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
         return {
             "q_proj": (h, q),
             "k_proj": (h, kv),
@@ -221,14 +225,16 @@ def quantized_weight_bytes(shape: Shape, bits: int | None, double_quant: bool, d
 # LoRA, gradients, optimizer
 
 
-def lora_targets(target_modules: str | list[str]) -> list[str]:
+def lora_targets(target_modules: str | list[str], shape: Shape) -> list[str]:
+    """The decoder-layer linears LoRA adapts: every one for all-linear, else the names given (checked)."""
+    known = list(shape.linears())
     if target_modules == "all-linear":
-        return list(LORA_ALL_LINEAR)
+        return known
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = [n for n in names if n not in LORA_ALL_LINEAR]
+    unknown = [n for n in names if n not in known]
     if unknown:
         raise UserError(
-            f"lora.target_modules: the planner knows {', '.join(LORA_ALL_LINEAR)}, not {', '.join(unknown)}"
+            f"lora.target_modules: {shape.name} has the linear layers {', '.join(known)}, not {', '.join(unknown)}"
         )
     return names
 
@@ -359,7 +365,8 @@ class Settings:
     attn_implementation: str = "sdpa"
     # trl casts LoRA weights to bf16 for quantized models (qlora-kit keeps them fp32 unless the compute is bf16).
     lora_bytes: int = 2
-    # peft's prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32.
+    # peft's prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32; qlora-kit casts them
+    # back under bf16 compute (model.keep_frozen_weights_in_bf16), so only fp16 and fp32 compute pay 4 bytes.
     unquantized_bytes: int = 4
 
 
@@ -394,7 +401,7 @@ def predict(shape: Shape, s: Settings) -> Plan:
     return Plan(model=shape.name, batch_size=s.batch_size, length=s.length, parts=parts, params=params)
 
 
-def settings_from_recipe(recipe, on_gpu: bool) -> Settings:
+def settings_from_recipe(recipe, on_gpu: bool, shape: Shape) -> Settings:
     """Read the memory-relevant values out of a validated recipe, resolving 'auto' dtypes for the target machine."""
     from qlora_kit.model import attention_kernel
     from qlora_kit.recipe import machine_training_defaults, training_args
@@ -412,7 +419,7 @@ def settings_from_recipe(recipe, on_gpu: bool) -> Settings:
         double_quant=quant.bnb_4bit_use_double_quant,
         compute_bytes=compute_bytes,
         r=recipe.lora.r,
-        targets=lora_targets(recipe.lora.target_modules),
+        targets=lora_targets(recipe.lora.target_modules, shape),
         lora_dropout=recipe.lora.lora_dropout,
         optim=str(args.get("optim") or machine_training_defaults(on_gpu)["optim"]),
         batch_size=int(args["per_device_train_batch_size"]),
@@ -420,7 +427,7 @@ def settings_from_recipe(recipe, on_gpu: bool) -> Settings:
         gradient_checkpointing=bool(args.get("gradient_checkpointing", True)),
         attn_implementation=attention_kernel(recipe),
         lora_bytes=2 if compute == "bfloat16" else 4,
-        unquantized_bytes=4 if bits else DTYPE_BYTES[weights],
+        unquantized_bytes=(2 if compute == "bfloat16" else 4) if bits else DTYPE_BYTES[weights],
     )
 
 
@@ -446,7 +453,7 @@ def plan_recipe(recipe, budget_bytes: int | None = None, on_gpu: bool | None = N
     on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     config, source = read_config(recipe.model.name_or_path)
     shape = Shape.from_config(config, name=source)
-    settings = settings_from_recipe(recipe, on_gpu)
+    settings = settings_from_recipe(recipe, on_gpu, shape)
     result = predict(shape, settings)
     result.notes.append(f"config from {source}; compute {settings.compute_bytes * 8}-bit, optimizer {settings.optim}")
     if budget_bytes is not None:

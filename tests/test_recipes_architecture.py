@@ -160,3 +160,21 @@ def test_one_wrong_name_in_a_target_list_is_caught():
 def test_an_unsupported_attention_kernel_fails():
     with pytest.raises(ValueError, match="scaled_dot_product_attention"):
         meta_model(architecture_config("gemma-2-9b"), "sdpa")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(RECIPE_DIR)))
+def test_planner_plans_every_recipe_near_its_stated_memory(path: Path):
+    """`qlora-kit plan` works offline for every recipe (fused projections and hub names included), and the memory a
+    GPU recipe's header states stays within [0.7, 1.5]x of the planner's prediction for a GPU, so neither drifts
+    far from the other. The 70B header is per GPU under FSDP, which shards what the planner counts for one process:
+    only its plan is checked."""
+    from qlora_kit.plan import plan_recipe
+
+    recipe = load_recipe(path)
+    predicted = plan_recipe(recipe, on_gpu=True).total / 1e9
+    stated = re.search(r"Expected peak GPU memory: about (\d+(?:\.\d+)?) GB", path.read_text())
+    if path.name == "demo.yaml" or "70b" in path.name:
+        assert predicted > 0
+        return
+    assert stated, f"{path}: the header must state 'Expected peak GPU memory: about N GB'"
+    assert 0.7 <= float(stated.group(1)) / predicted <= 1.5, (float(stated.group(1)), round(predicted, 2))

@@ -125,3 +125,25 @@ def test_cli_train_end_to_end(tmp_path, tiny_model_dir, arithmetic_rows):
     )
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["steps"] == 1
+
+
+def test_bf16_compute_keeps_frozen_weights_in_bf16(tmp_path, tiny_model_dir, arithmetic_rows):
+    """peft upcasts every unquantized weight to fp32; under bf16 compute they go back to bf16 (half the memory), the
+    forward runs without autocast, and a backward pass reaches the LoRA weights."""
+    from qlora_kit import model as model_stage
+
+    recipe = load_recipe(
+        tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows), ["quantization.bnb_4bit_compute_dtype=bfloat16"]
+    )
+    tokenizer = model_stage.load_tokenizer(recipe)
+    model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    norms = [p for name, p in model.named_parameters() if "norm" in name]
+    assert norms and all(p.dtype == torch.bfloat16 for p in norms)
+    assert not [name for name, p in model.named_parameters() if p.dtype == torch.float32 and not p.requires_grad]
+    ids = torch.tensor([tokenizer("What is 2 plus 3? 5")["input_ids"]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    # lora_B starts at zero, so the first backward reaches every lora_B (lora_A's gradient is zero through B = 0).
+    lora_b = [p for name, p in model.named_parameters() if "lora_B" in name]
+    assert lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
