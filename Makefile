@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/qlora-kit train recipes/demo.yaml --output-dir runs/demo --force
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qlora_kit tests benchmarks

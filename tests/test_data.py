@@ -345,6 +345,10 @@ def test_sharegpt_renders_like_messages(demo_tokenizer):
     sharegpt = {"conversations": [{"from": who, "value": text} for who, text in turns]}
     assert encode(demo_tokenizer, sharegpt, "sharegpt") == encode(demo_tokenizer, CONVERSATION, "messages")
     assert data.detect_format([data.Row(sharegpt, "r")], "auto", "x") == "sharegpt"
+    # Extra keys per turn (OpenHermes' "weight") are ignored, and an empty system turn is dropped, not rendered.
+    padded = {"conversations": [{"from": "system", "value": "", "weight": None}] + sharegpt["conversations"][1:]}
+    without_system = {"messages": CONVERSATION["messages"][1:]}
+    assert encode(demo_tokenizer, padded, "sharegpt") == encode(demo_tokenizer, without_system, "messages")
 
 
 def test_alpaca_with_and_without_input(demo_tokenizer):

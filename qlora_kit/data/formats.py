@@ -168,6 +168,8 @@ def _turns(value: Any, row: Row, key: str, role_key: str, text_key: str, roles: 
             )
         if not isinstance(turn[text_key], str):
             raise RowError(row.where, f"{key}[{i}].{text_key} must be text", "content not text")
+        if roles[turn[role_key]] == "system" and not turn[text_key].strip():
+            continue  # an empty system prompt (common in ShareGPT exports) would only render an empty block
         out.append({"role": roles[turn[role_key]], "content": turn[text_key]})
     return out
 
