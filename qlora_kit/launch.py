@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from qlora_kit.errors import UserError
+from qlora_kit.model import attention_kernel
 from qlora_kit.recipe import Recipe, training_args
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
@@ -293,8 +294,6 @@ def packs(recipe: Recipe) -> bool:
 
 
 def _keeps_examples_apart(recipe: Recipe) -> bool:
-    from qlora_kit.model import attention_kernel
-
     return attention_kernel(recipe).startswith("flash_attention") or _masks_packed_sequences(recipe)
 
 
@@ -311,13 +310,11 @@ def check_packing(recipe: Recipe) -> list[str]:
         ]
     if not (recipe.training.get("packing") or args.get("padding_free")):
         return []
-    from qlora_kit.model import attention_kernel
-
-    kernel = attention_kernel(recipe)
     if not _keeps_examples_apart(recipe):
         return [
-            f"model.attn_implementation: {kernel} with this model's attention code cannot tell packed examples "
-            "apart, so they would attend to each other: use flash_attention_2, or set training.packing: false"
+            f"model.attn_implementation: {attention_kernel(recipe)} with this model's attention code cannot tell "
+            "packed examples apart, so they would attend to each other: use flash_attention_2, or set "
+            "training.packing: false"
         ]
     return []
 

@@ -25,16 +25,7 @@ def encode(tokenizer, row: dict, fmt: str):
 
 
 def test_multi_turn_masks_exactly_the_assistant_turns(demo_tokenizer):
-    row = {
-        "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "What is 2 plus 3?"},
-            {"role": "assistant", "content": "5"},
-            {"role": "user", "content": "And 4 plus 4?"},
-            {"role": "assistant", "content": "8"},
-        ]
-    }
-    ids, labels = encode(demo_tokenizer, row, "messages")
+    ids, labels = encode(demo_tokenizer, CONVERSATION, "messages")
     pieces = [(demo_tokenizer.decode([t]), label != data.IGNORE_INDEX) for t, label in zip(ids, labels, strict=True)]
     trained_runs, current = [], ""
     for piece, trained in pieces:
