@@ -448,7 +448,7 @@ def machine() -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    from qlora_kit.train import versions
+    from qlora_kit.rundir import versions
 
     return versions()
 
@@ -660,9 +660,9 @@ def _machine_line(info: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], markdown: str, output_dir: Path, force: bool) -> None:
     """bench.json and bench.md, written to a staging folder and renamed into place."""
-    from qlora_kit.train import check_run_dir, publish, staging_dir_for
+    from qlora_kit.rundir import check_new_output, publish, staging_dir_for
 
-    check_run_dir(output_dir, force)
+    check_new_output(output_dir, force)
     staging = staging_dir_for(output_dir)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -8,8 +8,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.checkpoints import TrainingStopped
-from qlora_kit.errors import UserError
+from qlora_kit.errors import TrainingStopped, UserError
+
+REPORT_LINE = (
+    "this is a bug in qlora-kit, not a mistake in your input: please report it with the command and the traceback "
+    "above (add --debug to see the full chain)"
+)
 
 
 def _console():
@@ -144,7 +148,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, run = recipe.model.name_or_path, recipe.output_dir
         console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
     result = train(
-        recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console), resume=args.resume
+        recipe,
+        Path(recipe.output_dir),
+        force=args.force,
+        progress=TrainProgress(console),
+        resume=args.resume,
+        inputs={"the recipe file": args.recipe},
     )
     return 0 if result.run_dir.exists() or not _is_main_process() else 1
 
@@ -361,19 +370,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError("--side needs --json PATH for the measurements")
         bench.run_side(args.side, args.recipe, args.overrides, args.warmup_steps, args.steps, Path(args.json))
         return 0
-    from qlora_kit.train import check_run_dir
+    from qlora_kit import rundir
 
     if args.bench_command == "train":
-        output = Path(args.output_dir or Path("runs") / "bench" / Path(args.recipe).stem)
-        check_run_dir(output, args.force)  # before minutes of measuring, not after
+        output = Path(args.output_dir or _dated(Path("runs") / "bench" / Path(args.recipe).stem))
+        rundir.prepare_output(output, args.force, {"the recipe file": args.recipe})  # before minutes of measuring
         report = bench.bench_train(
             args.recipe, args.overrides, args.warmup_steps, args.steps, args.baseline, progress=console.print
         )
         markdown = bench.train_markdown(report)
     else:
         sizes = _batch_sizes(args.batch_sizes)
-        output = Path(args.output_dir or Path("runs") / "bench" / f"{Path(args.path).resolve().name}-generate")
-        check_run_dir(output, args.force)
+        output = Path(args.output_dir or _dated(Path("runs") / "bench" / f"{Path(args.path).resolve().name}-generate"))
+        rundir.prepare_output(output, args.force, {"the measured model": args.path})
         report = bench.bench_generate(
             args.path, sizes, args.prompt_tokens, args.new_tokens, args.repeats, progress=console.print
         )
@@ -384,6 +393,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(Markdown(markdown))
     console.print(f"written: [bold]{output}/bench.json[/bold] and bench.md")
     return 0
+
+
+def _dated(base: Path) -> Path:
+    """A new folder per measurement (base-YYYYmmdd-HHMMSS), so running a benchmark again never meets the last one."""
+    from datetime import datetime
+
+    return base.with_name(f"{base.name}-{datetime.now():%Y%m%d-%H%M%S}")
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -431,6 +447,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # Not caused by the input (those are UserErrors): show everything a bug report needs.
+        if args.debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {REPORT_LINE}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

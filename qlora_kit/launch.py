@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from qlora_kit.errors import UserError
-from qlora_kit.model import attention_kernel
+from qlora_kit.model import attention_kernel, model_config_problems
 from qlora_kit.recipe import Recipe, training_args
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
@@ -360,6 +360,7 @@ def preflight(recipe: Recipe, plan: Plan | None = None, hardware: Hardware | Non
         *check_idle_gpus(recipe, plan, hardware),
         *check_packing(recipe),
         *check_reporters(recipe),
+        *model_config_problems(recipe),
     ]
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"

@@ -148,6 +148,78 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The model's config, checked before any weight loads
+
+
+def read_model_config(recipe: Recipe):
+    """The base model's config when it is on this machine (a local folder or the hub cache), else None."""
+    from transformers import AutoConfig
+
+    path = Path(recipe.model.name_or_path).expanduser()
+    try:
+        return AutoConfig.from_pretrained(recipe.model.name_or_path, **_pretrained_kwargs(recipe))
+    except (OSError, ValueError, KeyError) as exc:
+        if path.is_dir():
+            raise UserError(f"model.name_or_path: cannot read {path}/config.json: {_first_line(exc)}") from None
+        return None  # a hub id that is not cached: from_pretrained reports it when it loads
+
+
+def model_config_problems(recipe: Recipe) -> list[str]:
+    """What the model's config says cannot work: not a causal LM, a rank wider than the model, positions it lacks."""
+    config = read_model_config(recipe)
+    if config is None:
+        return []
+    problems = _causal_lm_problems(recipe, config)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(hidden, int) and recipe.lora.r > hidden:
+        problems.append(
+            f"lora.r: {recipe.lora.r} is larger than the model's hidden size {hidden}, so the adapter would have "
+            f"more parameters than the layers it adapts: use a rank below {hidden} (8 to 64 is usual)"
+        )
+    return problems + _position_problems(recipe, config)
+
+
+def _causal_lm_problems(recipe: Recipe, config) -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = {name for name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if isinstance(name, str)}
+    architectures = list(getattr(config, "architectures", None) or [])
+    decoder_only = not getattr(config, "is_encoder_decoder", False)
+    if decoder_only and (not architectures or any(name in causal for name in architectures)):
+        return []
+    kind = ", ".join(architectures) or config.model_type
+    return [
+        f"model.name_or_path: {recipe.model.name_or_path} is a {kind}, not a causal (decoder-only) language model: "
+        "qlora-kit fine-tunes text generators such as Llama, Qwen, Mistral, Gemma or Phi"
+    ]
+
+
+def _position_problems(recipe: Recipe, config) -> list[str]:
+    """data.max_length beyond the positions the model was trained for: refused unless RoPE scaling extends them."""
+    positions = getattr(config, "max_position_embeddings", None)
+    length = recipe.data.max_length
+    if not isinstance(positions, int) or length <= positions:
+        return []
+    if "max_length" not in recipe.data.model_fields_set:
+        return []  # the schema's default is a cap, not a request; examples are rarely that long on such a model
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    scaling = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if scaling not in (None, "default"):
+        import sys
+
+        print(
+            f"warning: data.max_length {length} is beyond the model's max_position_embeddings {positions}; its "
+            f"{scaling} RoPE scaling extends positions, but quality past the trained length is not guaranteed",
+            file=sys.stderr,
+        )
+        return []
+    return [
+        f"data.max_length: {length} is beyond the model's max_position_embeddings {positions} and its positions "
+        f"cannot extend (no RoPE scaling): set data.max_length to {positions} or less"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Base model
 
 
@@ -191,11 +263,8 @@ def load_base_model(recipe: Recipe, tokenizer=None):
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
-        raise UserError(
-            f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}{hint}"
-        ) from None
+    except LOAD_ERRORS as exc:
+        raise weights_error("model.name_or_path", recipe.model.name_or_path, exc) from None
     if compute_dtype(recipe) == torch.float32:
         keep_float32_inference(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -268,18 +337,122 @@ def attach_lora(model, recipe: Recipe):
         )
         if compute_dtype(recipe) == torch.bfloat16:
             keep_frozen_weights_in_bf16(model)
+    check_target_modules(model, recipe.lora.target_modules)
     try:
         return get_peft_model(model, lora_config(recipe))
     except ValueError as exc:
         raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
 
 
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers (4-bit, 8-bit or plain), as target_modules uses them."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    return sorted(names)
+
+
+def _is_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+
+def check_target_modules(model, target_modules: str | list[str]) -> None:
+    """Every name in a target_modules list must match a module, or that part of the adapter silently never exists."""
+    import difflib
+
+    if isinstance(target_modules, str):
+        return  # all-linear, or a regular expression that peft checks itself
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return
+    linear = linear_module_names(model)
+    close = {t: difflib.get_close_matches(t, linear, n=1, cutoff=0.6) for t in missing}
+    hints = "".join(f" ('{t}': did you mean '{c[0]}'?)" for t, c in close.items() if c)
+    raise UserError(
+        f"lora.target_modules: {', '.join(map(repr, missing))} not found in this model{hints}; its linear modules "
+        f"are {', '.join(linear)} (or use all-linear)"
+    )
+
+
 def load_adapter_model(recipe: Recipe, adapter_dir: str | Path, tokenizer=None, trainable: bool = False):
     """The 4-bit base with a saved adapter on top, exactly as it was trained."""
     from peft import PeftModel
 
+    check_adapter_files(Path(adapter_dir))
     base = load_base_model(recipe, tokenizer)
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    except LOAD_ERRORS as exc:
+        raise weights_error("adapter", adapter_dir, exc) from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged or unsafe files: named, never a traceback
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+LOAD_ERRORS = _load_errors()
+
+
+def weights_error(key: str, where: str | Path, exc: BaseException) -> UserError:
+    """The one-line error for a model or adapter that cannot be loaded, saying which file kind and what to do."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return UserError(
+            f"{key}: {where} holds a pickle checkpoint with Python objects other than plain tensors, which qlora-kit "
+            "never runs: convert it to safetensors where you trust it, or use a safetensors checkpoint"
+        )
+    if isinstance(exc, SafetensorError | EOFError):
+        return UserError(
+            f"{key}: a .safetensors file in {where} is damaged or incomplete ({_first_line(exc)}): download or copy "
+            "it again"
+        )
+    hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
+    return UserError(f"{key}: cannot load {str(where)!r}: {_first_line(exc)}{hint}")
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """adapter_config.json as a mapping, or a UserError naming the file."""
+    import json
+
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"adapter: {path} is missing: give a PEFT adapter folder (a run directory's adapter/)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"adapter: {path} is damaged ({exc}): copy the adapter again or train it again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"adapter: {path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def check_adapter_files(folder: Path) -> None:
+    """An adapter folder has a readable config and weights whose safetensors header is whole."""
+    from safetensors import SafetensorError, safe_open
+
+    read_adapter_config(folder)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return
+        raise UserError(f"adapter: {folder} has no adapter_model.safetensors: the adapter's weights are missing")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"adapter: {weights} is damaged or incomplete ({_first_line(exc)}): copy it again") from None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -71,6 +71,7 @@ def check_run_dir(run_dir: Path) -> Path:
         )
     if not (run_dir / "recipe.yaml").is_file():
         raise UserError(f"run directory {run_dir} has no recipe.yaml: give a directory written by qlora-kit train")
+    model_stage.check_adapter_files(adapter)
     return adapter
 
 

@@ -30,7 +30,15 @@ from qlora_kit.merge.verify import held_out as read_held_out
 from qlora_kit.merge.verify import judge, merged_pass, reference_pass
 from qlora_kit.merge.weights import MergePlan, WeightMerger, plan_merge, stream_merge
 from qlora_kit.recipe import Recipe, load_recipe
-from qlora_kit.train import peak_memory_bytes, publish, staging_dir_for, versions
+from qlora_kit.rundir import (
+    check_apart,
+    check_new_output,
+    check_writable,
+    peak_memory_bytes,
+    publish,
+    staging_dir_for,
+    versions,
+)
 
 REPORT_NAME = "merge_report.json"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -64,7 +72,12 @@ def load_run(run_dir: Path, overrides: list[str]) -> tuple[Recipe, dict[str, Any
     overrides = [item if "." in item.partition("=")[0] else f"merge.{item}" for item in overrides]
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     metrics_file = run_dir / "metrics.json"
-    return recipe, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if not metrics_file.is_file():
+        return recipe, {}
+    try:
+        return recipe, json.loads(metrics_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{metrics_file} is damaged ({exc}): run `qlora-kit train` again to rewrite it") from None
 
 
 def load_adapters(run_dir: Path, recipe: Recipe) -> list[Adapter]:
@@ -87,9 +100,20 @@ def output_dtype(recipe: Recipe) -> torch.dtype:
     return model_stage.weights_dtype(recipe) if name == "auto" else model_stage.DTYPES[name]
 
 
-def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise UserError(f"output directory {output} already exists: pass --force to replace it, or choose --output")
+def merge_inputs(run_dir: Path, recipe: Recipe) -> dict[str, Path]:
+    """What a merge reads, which its output may never replace."""
+    inputs = {f"the run's {name}": run_dir / name for name in ("adapter", "recipe.yaml", "metrics.json")}
+    inputs.update({f"merge.adapters.{i}.path": Path(extra.path) for i, extra in enumerate(recipe.merge.adapters)})
+    base = Path(recipe.model.name_or_path).expanduser()
+    if base.exists():
+        inputs["the base model (model.name_or_path)"] = base
+    return inputs
+
+
+def check_output(output: Path, force: bool, inputs: dict[str, Path]) -> None:
+    check_apart(output, inputs, flag="--output")
+    check_new_output(output, force, flag="--output")
+    check_writable(output, flag="--output")
 
 
 def check_disk_space(output: Path, needed: int) -> None:
@@ -138,10 +162,11 @@ def prepare(run_dir: Path, output: Path, overrides: list[str], force: bool) -> P
             "merge.strategy: the run trained on an 8-bit base, and the dequantized strategy mirrors "
             "4-bit bitsandbytes only: use strategy=original"
         )
-    check_output(output, force)
+    check_output(output, force, merge_inputs(run_dir, recipe))
     adapters = load_adapters(run_dir, recipe)
     tokenizer = AutoTokenizer.from_pretrained(adapters[0].path)
     base_folder = locate_checkpoint(recipe)
+    check_apart(output, {"the base model checkpoint": base_folder}, flag="--output")
     config = load_config(base_folder, recipe)
     checkpoint = Checkpoint(base_folder)
     layout = base_layout(config, recipe)
