@@ -117,9 +117,13 @@ def _add_bench_parser(commands) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from qlora_kit.model import model_config_problems
     from qlora_kit.recipe import load_recipe, resolved_dict, to_yaml
 
     recipe = load_recipe(args.recipe, args.overrides)
+    problems = model_config_problems(recipe)  # when the model's config is on this machine: cheap, no weights
+    if problems:
+        raise UserError(f"{args.recipe} has {len(problems)} problem(s) with its model: " + "; ".join(problems))
     sys.stdout.write(to_yaml(resolved_dict(recipe)))
     _console().print(f"[green]ok[/green]: {args.recipe} is a valid recipe", style=None)
     return 0
@@ -399,7 +403,9 @@ def _dated(base: Path) -> Path:
     """A new folder per measurement (base-YYYYmmdd-HHMMSS), so running a benchmark again never meets the last one."""
     from datetime import datetime
 
-    return base.with_name(f"{base.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    dated = base.with_name(f"{base.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    candidates = (dated.with_name(f"{dated.name}-{n}") if n else dated for n in range(1000))
+    return next(path for path in candidates if not path.exists())
 
 
 def _batch_sizes(text: str) -> list[int]:

@@ -90,6 +90,13 @@ def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Pa
     return checkpoint
 
 
+def check_cache_writable(recipe: Recipe) -> None:
+    from qlora_kit.data.cache import cache_root
+
+    if recipe.data.cache:
+        rundir.check_writable(cache_root(recipe.data) / "entry", flag="data.cache_dir")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Trainer
 
@@ -314,6 +321,7 @@ def train(
     plan = launch.plan_from_env()
     launch.preflight(recipe, plan)  # before any weight is loaded
     rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
+    check_cache_writable(recipe)
     checkpoint = prepare_staging(run_dir, force, resume)
     staging = rundir.staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])
