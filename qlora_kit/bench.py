@@ -268,15 +268,18 @@ def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float)
 
     from qlora_kit import model as model_stage
     from qlora_kit.recipe import training_args
+    from qlora_kit.resolve import resolve
+
+    resolved = resolve(recipe)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path)
     if tokenizer.chat_template is None:
         model_stage.set_chat_template(tokenizer, recipe.model.chat_template)
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.name_or_path,
-        quantization_config=model_stage.quantization_config(recipe),
-        dtype=model_stage.compute_dtype(recipe),
-        device_map=model_stage.device_map(recipe),
+        quantization_config=model_stage.quantization_config(recipe, resolved),
+        dtype=resolved.compute_dtype,
+        device_map=resolved.device_map,
     )
     lora = recipe.lora
     peft_config = LoraConfig(
@@ -289,7 +292,7 @@ def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float)
     # The same batch, optimizer, schedule and checkpointing as the toolkit side; trl's defaults for everything else.
     shared = {**training_args(recipe), **_bench_training(recipe, warmup, steps)}
     args = {k: v for k, v in shared.items() if k not in ("packing", "padding_free", "gradient_checkpointing_kwargs")}
-    dtype = model_stage.compute_dtype(recipe)
+    dtype = resolved.compute_dtype
     config = SFTConfig(
         output_dir=str(workdir),
         max_length=recipe.data.max_length,
@@ -374,7 +377,7 @@ def bench_train(
     built = materialize_architecture(recipe)
     if built is not None:
         overrides = [*overrides, f"model.name_or_path={built}"]
-    prediction = plan_recipe(recipe, on_gpu=torch.cuda.is_available())
+    prediction = plan_recipe(recipe)
     report: dict[str, Any] = {
         "recipe": str(recipe_path),
         "overrides": overrides,
@@ -477,8 +480,11 @@ def generation_models(path: Path):
         recipe = validate({"model": {"name_or_path": str(path)}, "data": {"train": [{"path": str(path)}]}})
     else:
         raise UserError(f"{path}: not a run directory (recipe.yaml + adapter/) nor a model folder (config.json)")
+    from qlora_kit.resolve import resolve
+
+    resolved = resolve(recipe)
     tokenizer = model_stage.load_tokenizer(recipe)
-    base = model_stage.load_base_model(recipe, tokenizer)
+    base = model_stage.load_base_model(recipe, tokenizer, resolved)
     variants = []
     if (path / "adapter").is_dir():
         adapted = PeftModel.from_pretrained(base, str(path / "adapter"))
@@ -489,10 +495,10 @@ def generation_models(path: Path):
         from transformers import AutoModelForCausalLM
 
         merged = AutoModelForCausalLM.from_pretrained(
-            path / "merged", dtype=model_stage.compute_dtype(recipe), device_map=model_stage.device_map(recipe)
+            path / "merged", dtype=resolved.compute_dtype, device_map=resolved.device_map
         )
         variants.append(("merged", merged, nullcontext))
-    return tokenizer, model_stage.compute_dtype(recipe), variants
+    return tokenizer, resolved.compute_dtype, variants
 
 
 @torch.no_grad()

@@ -164,9 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_kit.data import build_datasets, preview
-    from qlora_kit.launch import packs
     from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import load_recipe, training_args
+    from qlora_kit.resolve import resolve
 
     recipe = load_recipe(args.recipe, args.overrides)
     console = _console()
@@ -181,7 +181,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         recipe.data.max_length,
         training["per_device_train_batch_size"],
         training.get("packing_strategy", "bfd"),
-        packs(recipe),
+        resolve(recipe).packing,
     )
     return 0
 
@@ -337,19 +337,16 @@ def show_eval(console, report: dict[str, Any]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import torch
-
-    from qlora_kit.plan import GIB, parse_memory, plan_recipe
+    from qlora_kit.plan import ASSUMED_GPU, GIB, parse_memory, plan_recipe
     from qlora_kit.recipe import load_recipe
+    from qlora_kit.resolve import this_machine
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.gpu_memory:
-        budget = parse_memory(args.gpu_memory)
-    else:
-        budget = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GIB
-    # The planner sizes GPU runs (bf16 compute); on a machine without one it assumes an 80 GiB card unless told.
-    result = plan_recipe(recipe, budget, on_gpu=True)
-    if not args.gpu_memory and not torch.cuda.is_available():
+    # The planner sizes GPU runs: this machine's GPU, or an assumed 80 GiB card where there is none.
+    machine = this_machine() if this_machine().on_gpu else ASSUMED_GPU
+    budget = parse_memory(args.gpu_memory) if args.gpu_memory else machine.memory_bytes or 80 * GIB
+    result = plan_recipe(recipe, budget, machine)
+    if not args.gpu_memory and not this_machine().on_gpu:
         result.notes.append("no GPU here: checked against 80 GiB; pass --gpu-memory for your card")
     console = _console()
     console.print(f"plan for [bold]{args.recipe}[/bold]: {result.model}, batch {result.batch_size} x {result.length}")

@@ -6,7 +6,6 @@ model learns to stop), a chat template for base models that have none, and safet
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -14,38 +13,10 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import Resolved, resolve
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = "chatml"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
-
-
-def compute_dtype(recipe: Recipe) -> torch.dtype:
-    """The matmul dtype: the recipe's, or bf16 on a GPU that has it and float32 elsewhere (never fp16 silently)."""
-    name = recipe.quantization.bnb_4bit_compute_dtype
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
-
-
-def attention_kernel(recipe: Recipe) -> str:
-    """The recipe's attention kernel; for auto, flash-attention 2 where it runs (an Ampere or newer GPU, the
-    flash-attn package, 16-bit compute: it reads packed sequence boundaries itself), else PyTorch's sdpa."""
-    requested = recipe.model.attn_implementation
-    if requested != "auto":
-        return requested
-    flash_runs = (
-        torch.cuda.is_available()
-        and compute_dtype(recipe) in (torch.bfloat16, torch.float16)
-        and importlib.util.find_spec("flash_attn") is not None
-        and torch.cuda.get_device_capability()[0] >= 8
-    )
-    return "flash_attention_2" if flash_runs else "sdpa"
-
-
-def weights_dtype(recipe: Recipe) -> torch.dtype:
-    """dtype of the parameters that stay unquantized (embeddings, norms, LoRA)."""
-    return compute_dtype(recipe) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
 
 
 def _check_model_path(recipe: Recipe) -> None:
@@ -223,7 +194,7 @@ def _position_problems(recipe: Recipe, config) -> list[str]:
 # Base model
 
 
-def quantization_config(recipe: Recipe):
+def quantization_config(recipe: Recipe, resolved: Resolved):
     """transformers' BitsAndBytesConfig for the recipe, or None for an unquantized base."""
     from transformers import BitsAndBytesConfig
 
@@ -236,36 +207,30 @@ def quantization_config(recipe: Recipe):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(recipe),
-        bnb_4bit_quant_storage=DTYPES[quant.bnb_4bit_quant_storage],
+        bnb_4bit_compute_dtype=resolved.compute_dtype,
+        bnb_4bit_quant_storage=resolved.quant_storage,
     )
 
 
-def device_map(recipe: Recipe) -> dict[str, Any] | str | None:
-    """Each process loads its whole model onto its own device, unless FSDP/ZeRO-3 shard it (see launch.py)."""
-    from qlora_kit.launch import device_map_for
-
-    return device_map_for(recipe)
-
-
-def load_base_model(recipe: Recipe, tokenizer=None):
+def load_base_model(recipe: Recipe, tokenizer=None, resolved: Resolved | None = None):
     """Load the pretrained causal LM quantized as the recipe says (4-bit NF4 by default)."""
     from transformers import AutoModelForCausalLM
 
+    resolved = resolved or resolve(recipe)
     _check_model_path(recipe)
     kwargs = dict(
         **_pretrained_kwargs(recipe),
-        quantization_config=quantization_config(recipe),
-        dtype=weights_dtype(recipe),
-        attn_implementation=attention_kernel(recipe),
-        device_map=device_map(recipe),
+        quantization_config=quantization_config(recipe, resolved),
+        dtype=resolved.weights_dtype,
+        attn_implementation=resolved.attn_implementation,
+        device_map=resolved.device_map,
         use_safetensors=None if recipe.model.allow_pickle else True,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **kwargs)
     except LOAD_ERRORS as exc:
         raise weights_error("model.name_or_path", recipe.model.name_or_path, exc) from None
-    if compute_dtype(recipe) == torch.float32:
+    if resolved.compute_dtype == torch.float32:
         keep_float32_inference(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -324,7 +289,7 @@ def lora_config(recipe: Recipe):
     )
 
 
-def attach_lora(model, recipe: Recipe):
+def attach_lora(model, recipe: Recipe, resolved: Resolved | None = None):
     """Prepare a k-bit model for training and wrap it with fresh LoRA adapters."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -335,7 +300,7 @@ def attach_lora(model, recipe: Recipe):
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        if compute_dtype(recipe) == torch.bfloat16:
+        if (resolved or resolve(recipe)).compute_dtype == torch.bfloat16:
             keep_frozen_weights_in_bf16(model)
     check_target_modules(model, recipe.lora.target_modules)
     try:
@@ -375,12 +340,14 @@ def check_target_modules(model, target_modules: str | list[str]) -> None:
     )
 
 
-def load_adapter_model(recipe: Recipe, adapter_dir: str | Path, tokenizer=None, trainable: bool = False):
+def load_adapter_model(
+    recipe: Recipe, adapter_dir: str | Path, tokenizer=None, trainable: bool = False, resolved: Resolved | None = None
+):
     """The 4-bit base with a saved adapter on top, exactly as it was trained."""
     from peft import PeftModel
 
     check_adapter_files(Path(adapter_dir))
-    base = load_base_model(recipe, tokenizer)
+    base = load_base_model(recipe, tokenizer, resolved)
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
     except LOAD_ERRORS as exc:

@@ -542,15 +542,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def machine_training_defaults(on_gpu: bool) -> dict[str, Any]:
-    """Defaults that depend on the machine, applied under the recipe's own fields when training starts.
-
-    On a GPU, paged 8-bit AdamW (the QLoRA paper's optimizer): states in 8 bits are a quarter of AdamW's, and paging
-    moves them to CPU memory during a spike instead of running out of memory. On CPU there is nothing to page to.
-    """
-    return {"optim": "paged_adamw_8bit" if on_gpu else "adamw_torch"}
-
-
 def training_args(recipe: Recipe) -> dict[str, Any]:
     """The SFTConfig keyword arguments: qlora-kit's defaults under the recipe's own fields."""
     return {**TRAINING_DEFAULTS, **recipe.training}

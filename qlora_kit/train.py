@@ -29,11 +29,11 @@ from qlora_kit.recipe import (
     SECRET_WORDS,
     Recipe,
     culprit_key,
-    machine_training_defaults,
     resolved_dict,
     to_yaml,
     training_args,
 )
+from qlora_kit.resolve import Launch, Resolved, resolve
 
 
 @dataclass
@@ -117,18 +117,15 @@ def withhold_secrets(args: dict[str, Any]) -> dict[str, Any]:
     return kept
 
 
-def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool):
+def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool, resolved: Resolved | None = None):
     """trl's SFTConfig from the recipe; precision follows the compute dtype (no silent fp32 on GPU or bf16 on CPU)."""
     from trl import SFTConfig
 
-    args = {**withhold_secrets(training_args(recipe)), "packing": launch.packs(recipe)}
-    dtype = model_stage.compute_dtype(recipe)
-    for key, value in machine_training_defaults(torch.cuda.is_available()).items():
-        args.setdefault(key, value)
-    args.setdefault("bf16", dtype == torch.bfloat16)
-    args.setdefault("fp16", dtype == torch.float16)
+    resolved = resolved or resolve(recipe)
+    args = {**withhold_secrets(training_args(recipe)), "packing": resolved.packing, "optim": resolved.optim}
+    args.update(bf16=resolved.bf16, fp16=resolved.fp16)
     # Without a GPU, several processes must still form one DDP group (gloo); Trainer only does that with use_cpu.
-    args.setdefault("use_cpu", not torch.cuda.is_available())
+    args["use_cpu"] = resolved.use_cpu
     # Every LoRA weight takes part in every forward, so DDP need not search the graph for unused ones (slow, and it
     # breaks with gradient checkpointing); FSDP/DeepSpeed ignore the flag.
     args.setdefault("ddp_find_unused_parameters", False)
@@ -227,9 +224,18 @@ def keep_packed_rows_apart(trainer, model, config) -> bool:
     return True
 
 
-def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.PreparedData, output_dir: Path, config=None):
+def make_trainer(
+    recipe: Recipe,
+    model,
+    tokenizer,
+    prepared: data_stage.PreparedData,
+    output_dir: Path,
+    config=None,
+    resolved: Resolved | None = None,
+):
     """The trainer for a prepared model and data; ``config`` is the SFTConfig when already built (see train)."""
-    config = config or sft_config(recipe, output_dir, prepared.eval is not None)
+    resolved = resolved or resolve(recipe)
+    config = config or sft_config(recipe, output_dir, prepared.eval is not None, resolved)
     adapter_weights = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
     trainer = TokenCountingTrainer(
         model=model,
@@ -238,7 +244,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         eval_dataset=prepared.eval if config.eval_strategy != "no" else None,
         processing_class=tokenizer,
     )
-    keep_adapter_dtype(model, adapter_weights, model_stage.compute_dtype(recipe))
+    keep_adapter_dtype(model, adapter_weights, resolved.compute_dtype)
     keep_packed_rows_apart(trainer, model, config)
     if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
         from peft.utils.other import fsdp_auto_wrap_policy
@@ -318,8 +324,8 @@ def train(
     from transformers import set_seed
 
     show = progress or (lambda *args, **kwargs: None)
-    plan = launch.plan_from_env()
-    launch.preflight(recipe, plan)  # before any weight is loaded
+    resolved = launch.preflight(recipe)  # every machine-dependent setting, decided and checked before any weight loads
+    plan = resolved.launch
     rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
     check_cache_writable(recipe)
     checkpoint = prepare_staging(run_dir, force, resume)
@@ -330,15 +336,16 @@ def train(
     launch.check_pad_token(tokenizer)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
-    config = sft_config(recipe, staging, prepared.eval is not None)  # the trainer's own checks, before weights load
-    base = model_stage.load_base_model(recipe, tokenizer)
-    model = model_stage.attach_lora(base, recipe)
+    # The trainer's own checks, before the weights load.
+    config = sft_config(recipe, staging, prepared.eval is not None, resolved)
+    base = model_stage.load_base_model(recipe, tokenizer, resolved)
+    model = model_stage.attach_lora(base, recipe, resolved)
     trainable, total = model.get_nb_trainable_parameters()
-    show("model", {"trainable": trainable, "total": total, "dtype": str(model_stage.compute_dtype(recipe))})
+    show("model", {"trainable": trainable, "total": total, "dtype": str(resolved.compute_dtype)})
     if checkpoint is not None:
         show("resume", {"checkpoint": str(checkpoint)})
 
-    trainer = make_trainer(recipe, model, tokenizer, prepared, staging, config)
+    trainer = make_trainer(recipe, model, tokenizer, prepared, staging, config, resolved)
     if recipe.eval.callback_steps and prepared.eval_rows:
         from qlora_kit.evaluate.callback import generation_eval_callback
 
@@ -357,7 +364,7 @@ def train(
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
     if trainer.is_world_process_zero():
         metrics.update(_compare(model, tokenizer, prepared, recipe, plan))
-        _write_outputs(trainer, recipe, staging, metrics)
+        _write_outputs(trainer, recipe, resolved, staging, metrics)
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
     show("done", {"run_dir": str(run_dir), **metrics})
@@ -398,7 +405,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)
 
 
-def _compare(model, tokenizer, prepared, recipe: Recipe, plan: launch.Plan) -> dict[str, Any]:
+def _compare(model, tokenizer, prepared, recipe: Recipe, plan: Launch) -> dict[str, Any]:
     if prepared.eval is None and not prepared.eval_rows:
         return {}
     if plan.sharded:
@@ -412,13 +419,11 @@ def _compare(model, tokenizer, prepared, recipe: Recipe, plan: launch.Plan) -> d
     }
 
 
-def _write_outputs(trainer, recipe: Recipe, staging: Path, metrics: dict[str, Any]) -> None:
-    resolved = resolved_dict(recipe)
-    # Record what "auto" became on this machine, so the run can be reproduced elsewhere.
-    resolved["quantization"]["bnb_4bit_compute_dtype"] = str(model_stage.compute_dtype(recipe)).removeprefix("torch.")
-    resolved["model"]["attn_implementation"] = model_stage.attention_kernel(recipe)
-    resolved["training"] = {**machine_training_defaults(torch.cuda.is_available()), **resolved["training"]}
-    resolved["training"]["packing"] = launch.packs(recipe)
-    (staging / "recipe.yaml").write_text(to_yaml(resolved))
+def _write_outputs(trainer, recipe: Recipe, resolved: Resolved, staging: Path, metrics: dict[str, Any]) -> None:
+    written = resolved_dict(recipe)
+    # Record what "auto" became on this machine, as the run used it, so the run can be reproduced elsewhere.
+    for section, fields in resolved.recipe_fields().items():
+        written[section].update(fields)
+    (staging / "recipe.yaml").write_text(to_yaml(written))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss(trainer.state.log_history, staging / "loss_curve.png")

@@ -23,6 +23,7 @@ from qlora_kit.evaluate import harness, report
 from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_loss, perplexity
 from qlora_kit.evaluate.scoring import load_metrics, score
 from qlora_kit.recipe import Recipe, load_recipe
+from qlora_kit.resolve import resolve
 
 VERSIONED_PACKAGES = (
     "torch",
@@ -112,13 +113,14 @@ def load_merged(recipe: Recipe, merged_dir: Path):
     """A merged model folder, unquantized: float32 on CPU, the compute dtype on a GPU."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if not torch.cuda.is_available() else model_stage.compute_dtype(recipe)
+    resolved = resolve(recipe)
+    dtype = resolved.compute_dtype if resolved.machine.on_gpu else torch.float32
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(merged_dir),
             dtype=dtype,
-            device_map=model_stage.device_map(recipe),
-            attn_implementation=model_stage.attention_kernel(recipe),
+            device_map=resolved.device_map,
+            attn_implementation=resolved.attn_implementation,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"merged model {merged_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
@@ -277,7 +279,7 @@ def _quantization(recipe: Recipe) -> str:
     quant = recipe.quantization
     if quant.load_in_4bit:
         double = ", double quant" if quant.bnb_4bit_use_double_quant else ""
-        return f"4-bit {quant.bnb_4bit_quant_type}{double}, compute {model_stage.compute_dtype(recipe)}"
+        return f"4-bit {quant.bnb_4bit_quant_type}{double}, compute {resolve(recipe).compute_dtype}"
     return "8-bit" if quant.load_in_8bit else "unquantized"
 
 

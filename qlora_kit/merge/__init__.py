@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from qlora_kit import model as model_stage
 from qlora_kit.errors import UserError
 from qlora_kit.merge.adapter import Adapter, adapter_dir, check_combination, load_adapter
 from qlora_kit.merge.base import base_layout, load_config, locate_checkpoint, merge_device
@@ -30,6 +29,7 @@ from qlora_kit.merge.verify import held_out as read_held_out
 from qlora_kit.merge.verify import judge, merged_pass, reference_pass
 from qlora_kit.merge.weights import MergePlan, WeightMerger, plan_merge, stream_merge
 from qlora_kit.recipe import Recipe, load_recipe
+from qlora_kit.resolve import DTYPES, resolve
 from qlora_kit.rundir import (
     check_apart,
     check_new_output,
@@ -97,7 +97,7 @@ def load_adapters(run_dir: Path, recipe: Recipe) -> list[Adapter]:
 
 def output_dtype(recipe: Recipe) -> torch.dtype:
     name = recipe.merge.dtype
-    return model_stage.weights_dtype(recipe) if name == "auto" else model_stage.DTYPES[name]
+    return resolve(recipe).weights_dtype if name == "auto" else DTYPES[name]
 
 
 def merge_inputs(run_dir: Path, recipe: Recipe) -> dict[str, Path]:

@@ -18,6 +18,7 @@ import torch
 from qlora_kit import model as model_stage
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import DTYPES, resolve
 
 
 def locate_checkpoint(recipe: Recipe) -> Path:
@@ -90,7 +91,7 @@ def base_layout(config, recipe: Recipe) -> BaseLayout:
         quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
         quantizer.preprocess_model(
             model=model,
-            dtype=model_stage.weights_dtype(recipe),
+            dtype=resolve(recipe).weights_dtype,
             device_map={"": "cpu"},
             checkpoint_files=None,
             use_kernels=False,
@@ -118,12 +119,12 @@ def roundtrip_4bit(weight: torch.Tensor, recipe: Recipe, device: torch.device) -
     from bitsandbytes import functional
 
     quant = recipe.quantization
-    value = weight.to(device=device, dtype=model_stage.weights_dtype(recipe)).contiguous()
+    value = weight.to(device=device, dtype=resolve(recipe).weights_dtype).contiguous()
     packed, state = functional.quantize_4bit(
         value,
         blocksize=64,  # Params4bit's default, which transformers' loader keeps
         compress_statistics=quant.bnb_4bit_use_double_quant,
         quant_type=quant.bnb_4bit_quant_type,
-        quant_storage=model_stage.DTYPES[quant.bnb_4bit_quant_storage],
+        quant_storage=DTYPES[quant.bnb_4bit_quant_storage],
     )
     return functional.dequantize_4bit(packed, state)

@@ -25,6 +25,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.evaluate import generate, heldout_loss
 from qlora_kit.merge.adapter import Adapter
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import resolve
 
 
 @dataclass
@@ -129,7 +130,7 @@ def merged_pass(
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=model_stage.device_map(recipe), output_loading_info=True
+        folder, dtype=dtype, device_map=resolve(recipe).device_map, output_loading_info=True
     )
     problems = {key: sorted(value) for key, value in info.items() if value and key != "error_msgs"}
     diffs = {"max": 0.0, "sum": 0.0, "count": 0}
