@@ -17,8 +17,8 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.model import attach_lora
-from qlora_kit.resolve import resolve
 from qlora_kit.recipe import load_recipe
+from qlora_kit.resolve import resolve
 
 from .conftest import DEMO_MODEL, REPO
 
