@@ -27,3 +27,9 @@ class TrainingStopped(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum  # the shell's convention for "ended by signal N": 143 for SIGTERM, 130 for SIGINT
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (library messages often run to a page), or its type's name."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

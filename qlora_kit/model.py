@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from qlora_kit.errors import UserError
+from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
 from qlora_kit.resolve import Resolved, resolve
 
@@ -19,7 +19,7 @@ TEMPLATE_DIR = Path(__file__).parent / "templates"
 DEFAULT_TEMPLATE = "chatml"
 
 
-def _check_model_path(recipe: Recipe) -> None:
+def check_model_path(recipe: Recipe) -> None:
     """A name that is clearly a path (./x, /x, ~/x, a/b/c) must exist; anything else may be a hub id."""
     path = recipe.model.name_or_path
     if Path(path).expanduser().exists():
@@ -40,12 +40,12 @@ def load_tokenizer(recipe: Recipe):
     """Load the tokenizer and make it safe to train with: distinct pad token and a chat template."""
     from transformers import AutoTokenizer
 
-    _check_model_path(recipe)
+    check_model_path(recipe)
     source = recipe.model.tokenizer_name_or_path or recipe.model.name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(recipe))
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {_first_line(exc)}") from None
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {first_line(exc)}") from None
     if not tokenizer.is_fast:
         raise UserError(f"model.tokenizer_name_or_path: {source!r} has no fast tokenizer; qlora-kit needs one")
     ensure_pad_token(tokenizer)
@@ -131,7 +131,7 @@ def read_model_config(recipe: Recipe):
         return AutoConfig.from_pretrained(recipe.model.name_or_path, **_pretrained_kwargs(recipe))
     except (OSError, ValueError, KeyError) as exc:
         if path.is_dir():
-            raise UserError(f"model.name_or_path: cannot read {path}/config.json: {_first_line(exc)}") from None
+            raise UserError(f"model.name_or_path: cannot read {path}/config.json: {first_line(exc)}") from None
         return None  # a hub id that is not cached: from_pretrained reports it when it loads
 
 
@@ -217,7 +217,7 @@ def load_base_model(recipe: Recipe, tokenizer=None, resolved: Resolved | None = 
     from transformers import AutoModelForCausalLM
 
     resolved = resolved or resolve(recipe)
-    _check_model_path(recipe)
+    check_model_path(recipe)
     kwargs = dict(
         **_pretrained_kwargs(recipe),
         quantization_config=quantization_config(recipe, resolved),
@@ -306,7 +306,7 @@ def attach_lora(model, recipe: Recipe, resolved: Resolved | None = None):
     try:
         return get_peft_model(model, lora_config(recipe))
     except ValueError as exc:
-        raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
+        raise UserError(f"lora.target_modules: {first_line(exc)}") from None
 
 
 def linear_module_names(model) -> list[str]:
@@ -382,11 +382,11 @@ def weights_error(key: str, where: str | Path, exc: BaseException) -> UserError:
         )
     if isinstance(exc, SafetensorError | EOFError):
         return UserError(
-            f"{key}: a .safetensors file in {where} is damaged or incomplete ({_first_line(exc)}): download or copy "
+            f"{key}: a .safetensors file in {where} is damaged or incomplete ({first_line(exc)}): download or copy "
             "it again"
         )
     hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
-    return UserError(f"{key}: cannot load {str(where)!r}: {_first_line(exc)}{hint}")
+    return UserError(f"{key}: cannot load {str(where)!r}: {first_line(exc)}{hint}")
 
 
 def read_adapter_config(folder: Path) -> dict[str, Any]:
@@ -419,9 +419,4 @@ def check_adapter_files(folder: Path) -> None:
         with safe_open(str(weights), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError) as exc:
-        raise UserError(f"adapter: {weights} is damaged or incomplete ({_first_line(exc)}): copy it again") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise UserError(f"adapter: {weights} is damaged or incomplete ({first_line(exc)}): copy it again") from None

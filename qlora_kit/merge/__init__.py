@@ -25,8 +25,7 @@ from qlora_kit.merge.adapter import Adapter, adapter_dir, check_combination, loa
 from qlora_kit.merge.base import base_layout, load_config, locate_checkpoint, merge_device
 from qlora_kit.merge.checkpoint import Checkpoint, ShardWriter, parse_size, plan_shards
 from qlora_kit.merge.outputs import model_card, write_config, write_generation_config
-from qlora_kit.merge.verify import held_out as read_held_out
-from qlora_kit.merge.verify import judge, merged_pass, reference_pass
+from qlora_kit.merge.verify import judge, merged_pass, reference_pass, verification_set
 from qlora_kit.merge.weights import MergePlan, WeightMerger, plan_merge, stream_merge
 from qlora_kit.recipe import Recipe, load_recipe
 from qlora_kit.resolve import DTYPES, resolve
@@ -302,7 +301,7 @@ def quiet_loading():
 def _merge_into(job: Prepared, run_dir: Path, output: Path, staging: Path, device, logits: Path, show) -> dict:
     heldout = reference = None
     if job.recipe.merge.verify:
-        heldout = read_held_out(job.recipe, job.tokenizer)
+        heldout = verification_set(job.recipe, job.tokenizer)
         show("verify", {"step": "adapter on the 4-bit base", "examples": len(heldout.examples)})
         reference = reference_pass(job.recipe, job.adapters, job.tokenizer, heldout, logits, job.metrics)
     staging.mkdir(parents=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit import model as model_stage
-from qlora_kit.errors import UserError
+from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
 from qlora_kit.resolve import DTYPES, resolve
 
@@ -27,7 +27,7 @@ def locate_checkpoint(recipe: Recipe) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    model_stage._check_model_path(recipe)
+    model_stage.check_model_path(recipe)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
@@ -47,7 +47,7 @@ def load_config(folder: Path, recipe: Recipe):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"base model {folder}: cannot read its config.json: {model_stage._first_line(exc)}") from None
+        raise UserError(f"base model {folder}: cannot read its config.json: {first_line(exc)}") from None
     if getattr(config, "quantization_config", None):
         raise UserError(f"base model {folder} is stored quantized: merge needs a full-precision base checkpoint")
     return config
@@ -72,9 +72,7 @@ def base_layout(config, recipe: Recipe) -> BaseLayout:
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         except ValueError as exc:
-            raise UserError(
-                f"base model: not a causal LM transformers can build: {model_stage._first_line(exc)}"
-            ) from None
+            raise UserError(f"base model: not a causal LM transformers can build: {first_line(exc)}") from None
     names = {id(module): name for name, module in model.named_modules()}
     shapes = {key: tuple(value.shape) for key, value in model.state_dict(keep_vars=True).items()}
     input_embedding = names[id(model.get_input_embeddings())] + ".weight"
