@@ -347,11 +347,11 @@ def test_default_metrics_need_nothing_beyond_the_base_install():
 
 
 def test_bench_output_folders_are_new_each_time():
-    from qlora_kit.cli import _dated
+    from qlora_kit.cli import dated_folder
 
-    first = _dated(Path("runs/bench/demo"))
+    first = dated_folder(Path("runs/bench/demo"))
     first.mkdir(parents=True)
     try:
-        assert _dated(Path("runs/bench/demo")) != first
+        assert dated_folder(Path("runs/bench/demo")) != first
     finally:
         first.rmdir()
