@@ -1,17 +1,19 @@
 """Memory planner: predict a recipe's peak training memory from the model's config alone, before loading anything.
 
 Every term is a closed-form count, written out so the arithmetic can be checked by hand (``tests/test_plan.py`` does).
-Worked example, Llama-3.1-8B, QLoRA r=16 on all linear layers, batch 1 x 2048 tokens, bf16 compute:
+Worked example, Llama-3.1-8B, QLoRA r=16 on all linear layers, batch 1 x 2048 tokens, bf16 compute, paged 8-bit
+AdamW (the numbers are checked against the planner by tests/test_docs.py):
 
-    quantized linears   6.98e9 params x (4 bits + 0.127 bits of constants) / 8      = 3.60 GB
-    embeddings, lm_head 2 x 128256 x 4096 = 1.05e9 params x 4 bytes (fp32 after
-                        peft's prepare_model_for_kbit_training)                        = 4.20 GB
-    LoRA                32 layers x r 16 x sum(in + out) = 41.9e6 params x 2 bytes    = 0.08 GB
-    gradients + AdamW   41.9e6 x (2 + 2 x 2) bytes                                     = 0.25 GB
-    activations         2048 x (32 layers x 4096 x 2 bytes kept at checkpoints
-                        + 350,432 bytes for the one layer being recomputed)            = 1.26 GB
-    logits              2048 x 128256 x (2 bf16 + 4 fp32 copy + 4 fp32 gradient)      = 2.63 GB
-    total                                                                              = 12.0 GB (11.2 GiB)
+    quantized_weights    6.98e9 params x (4 bits + 0.127 bits of constants) / 8      = 3.60 GB
+    unquantized_weights  embeddings + lm_head 2 x 128256 x 4096 = 1.05e9 params x 2 bytes
+                         (bf16: qlora-kit undoes peft's fp32 upcast)                   = 2.10 GB
+    lora_weights         32 layers x r 16 x sum(in + out) = 41.9e6 params x 2 bytes    = 0.08 GB
+    gradients            41.9e6 x 2 bytes                                              = 0.08 GB
+    optimizer_states     41.9e6 x 2 states x 1 byte (8-bit) + block constants         = 0.09 GB
+    activations          2048 x (32 layers x 4096 x 2 bytes kept at checkpoints
+                         + 350,432 bytes for the one layer being recomputed)           = 1.26 GB
+    logits               2048 x 128256 x (2 bf16 + 4 fp32 copy + 4 fp32 gradient)     = 2.63 GB
+    total                                                                              = 9.84 GB (9.16 GiB)
 
 Sources: QLoRA (Dettmers et al. 2023, section 3) for NF4 with 64-element blocks and double quantization (0.127 instead
 of 0.5 bits per parameter of constants); Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
