@@ -164,11 +164,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_kit.data import build_datasets, preview
+    from qlora_kit.data.cache import check_writable
     from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import load_recipe, training_args
     from qlora_kit.resolve import resolve
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_writable(recipe.data)
     console = _console()
     plain = args.plain or not console.is_terminal
     tokenizer = load_tokenizer(recipe)

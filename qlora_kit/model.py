@@ -194,10 +194,11 @@ def _position_problems(recipe: Recipe, config) -> list[str]:
 # Base model
 
 
-def quantization_config(recipe: Recipe, resolved: Resolved):
+def quantization_config(recipe: Recipe, resolved: Resolved | None = None):
     """transformers' BitsAndBytesConfig for the recipe, or None for an unquantized base."""
     from transformers import BitsAndBytesConfig
 
+    resolved = resolved or resolve(recipe)
     quant = recipe.quantization
     if quant.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)

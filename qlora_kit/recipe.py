@@ -341,7 +341,9 @@ def _check_training(training: Any) -> list[str]:
     except ValidationError as exc:
         problems += [_format_error(err, prefix="training") for err in exc.errors()]
     merged = {**TRAINING_DEFAULTS, **known}
-    for key in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+    positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
+    intervals = [f"{kind}_steps" for kind in ("logging", "save", "eval") if merged.get(f"{kind}_strategy") == "steps"]
+    for key in (*positive, *intervals):
         value = merged.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"training.{key}: must be > 0, got {value}")

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 from qlora_kit import checkpoints, launch, rundir
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit.data import cache as data_cache
 from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
 from qlora_kit.errors import TrainingStopped, UserError
 from qlora_kit.evaluate import compare_base_and_tuned
@@ -88,13 +89,6 @@ def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Pa
         staging.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
     return checkpoint
-
-
-def check_cache_writable(recipe: Recipe) -> None:
-    from qlora_kit.data.cache import cache_root
-
-    if recipe.data.cache:
-        rundir.check_writable(cache_root(recipe.data) / "entry", flag="data.cache_dir")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,7 +321,7 @@ def train(
     resolved = launch.preflight(recipe)  # every machine-dependent setting, decided and checked before any weight loads
     plan = resolved.launch
     rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
-    check_cache_writable(recipe)
+    data_cache.check_writable(recipe.data)
     checkpoint = prepare_staging(run_dir, force, resume)
     staging = rundir.staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])

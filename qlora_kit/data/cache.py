@@ -134,3 +134,11 @@ def save(entry: Path, train, evaluation, eval_rows: list[Row], stats: dict[str, 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(section: DataSection) -> None:
+    """The cache folder can be written (checked before any work, so a long preparation is never lost at the end)."""
+    from qlora_kit.rundir import check_writable as check_folder
+
+    if section.cache:
+        check_folder(cache_root(section) / "entry", flag="data.cache_dir")
