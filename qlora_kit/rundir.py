@@ -20,11 +20,35 @@ from pathlib import Path
 from qlora_kit.errors import UserError
 
 CORE_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
-RUN_FILES = ("adapter/adapter_config.json", "recipe.yaml", "metrics.json")
 
 
 def staging_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.partial"
+
+
+def fresh_staging(target: Path) -> Path:
+    """An empty staging folder for ``target`` (what an interrupted earlier attempt left there is discarded)."""
+    staging = staging_dir_for(target)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def unique_staging(target: Path) -> Path:
+    """A staging folder of this process alone, for targets that several processes may write at once (the cache)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+
+
+def publish_files(staging: Path, folder: Path, names: Iterable[str]) -> list[Path]:
+    """Move finished files from ``staging`` into an existing ``folder`` one rename each, then drop the staging."""
+    paths = []
+    for name in names:
+        (staging / name).replace(folder / name)
+        paths.append(folder / name)
+    staging.rmdir()
+    return paths
 
 
 def check_new_output(target: Path, force: bool, flag: str = "--output-dir") -> None:
@@ -89,9 +113,24 @@ def publish(staging: Path, target: Path) -> None:
         shutil.rmtree(trash)
 
 
-def is_complete_run(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is a finished training run (published runs always are; anything else is not a run)."""
-    return run_dir.is_dir() and all((run_dir / name).is_file() for name in RUN_FILES)
+def is_run(path: Path) -> bool:
+    """Whether ``path`` looks like a training run directory (its adapter and resolved recipe are there)."""
+    return (path / "adapter" / "adapter_config.json").is_file() and (path / "recipe.yaml").is_file()
+
+
+def require_run(run_dir: Path) -> Path:
+    """The adapter folder of a finished training run; anything else is the user's mistake, named."""
+    if not run_dir.exists():
+        raise UserError(f"run directory {run_dir} does not exist: give a directory written by `qlora-kit train`")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory: give a directory written by `qlora-kit train`")
+    for name in ("adapter/adapter_config.json", "recipe.yaml"):
+        if not (run_dir / name).is_file():
+            raise UserError(
+                f"run directory {run_dir} has no {name}: give a directory written by `qlora-kit train` (an "
+                "unfinished run lives in a hidden .NAME.partial folder until it completes)"
+            )
+    return run_dir / "adapter"
 
 
 def local_paths(paths: Iterable[str | None]) -> list[Path]:

@@ -32,12 +32,17 @@ SLOW_FILES = {
     "test_resume.py",
     "test_train.py",
     "test_demo_loss.py",
+    "test_cli_errors.py",  # each case starts a fresh interpreter
+}
+SLOW_TESTS = {
+    "test_ddp_on_two_cpu_processes_matches_one_process",
+    "test_planner_plans_every_recipe_near_its_stated_memory",
 }
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name in SLOW_FILES:
+        if item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS:
             item.add_marker(pytest.mark.slow)
 
 

@@ -10,7 +10,7 @@ import torch
 
 from qlora_kit.bench.measure import machine, peak_memory, sync
 from qlora_kit.errors import UserError
-from qlora_kit.rundir import versions
+from qlora_kit.rundir import is_run, versions
 
 PROMPT_TEXT = "Explain, step by step and in plain words, how a model learns from examples during fine-tuning. "
 
@@ -24,7 +24,7 @@ def generation_models(path: Path):
     from qlora_kit import model as model_stage
     from qlora_kit.recipe import load_yaml, validate
 
-    if (path / "recipe.yaml").is_file() and (path / "adapter").is_dir():
+    if is_run(path):
         recipe = validate(load_yaml(path / "recipe.yaml"), source=str(path / "recipe.yaml"))
         recipe.model.tokenizer_name_or_path = str(path / "adapter")
     elif (path / "config.json").is_file():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -105,12 +104,10 @@ def _machine_line(info: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], markdown: str, output_dir: Path, force: bool) -> None:
     """bench.json and bench.md, written to a staging folder and renamed into place."""
-    from qlora_kit.rundir import check_new_output, publish, staging_dir_for
+    from qlora_kit.rundir import check_new_output, fresh_staging, publish
 
     check_new_output(output_dir, force)
-    staging = staging_dir_for(output_dir)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = fresh_staging(output_dir)
     (staging / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
     (staging / "bench.md").write_text(markdown)
     publish(staging, output_dir)

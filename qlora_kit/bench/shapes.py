@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ import torch
 
 from qlora_kit.errors import UserError
 from qlora_kit.plan import ARCH_PREFIX, arch_config
+from qlora_kit.rundir import fresh_staging, publish
 
 
 def cache_root() -> Path:
@@ -60,8 +60,7 @@ def _save_random_model(config: dict[str, Any], tokenizer_path: str, target: Path
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    staging = target.parent / f".{target.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = fresh_staging(target)
     model.save_pretrained(staging)
     tokenizer.save_pretrained(staging)
-    staging.rename(target)
+    publish(staging, target)

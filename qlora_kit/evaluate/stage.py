@@ -24,7 +24,7 @@ from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_
 from qlora_kit.evaluate.scoring import load_metrics, score
 from qlora_kit.recipe import Recipe, load_recipe
 from qlora_kit.resolve import resolve
-from qlora_kit.rundir import CORE_PACKAGES, versions
+from qlora_kit.rundir import CORE_PACKAGES, require_run, versions
 
 VERSIONED_PACKAGES = (  # beside rundir.CORE_PACKAGES
     "evaluate",
@@ -58,16 +58,7 @@ class EvalResult:
 
 def adapter_of_run(run_dir: Path) -> Path:
     """The run's adapter folder; a directory that is not a finished training run is the user's mistake."""
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist: give a directory written by qlora-kit train")
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(
-            f"run directory {run_dir} has no adapter ({adapter}/adapter_config.json is missing): "
-            "give a directory written by qlora-kit train"
-        )
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"run directory {run_dir} has no recipe.yaml: give a directory written by qlora-kit train")
+    adapter = require_run(run_dir)
     model_stage.check_adapter_files(adapter)
     return adapter
 

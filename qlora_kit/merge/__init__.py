@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from qlora_kit.errors import UserError
-from qlora_kit.merge.adapter import Adapter, adapter_dir, check_combination, load_adapter
+from qlora_kit.merge.adapter import Adapter, check_combination, load_adapter
 from qlora_kit.merge.base import base_layout, load_config, locate_checkpoint, merge_device
 from qlora_kit.merge.checkpoint import Checkpoint, ShardWriter, parse_size, plan_shards
 from qlora_kit.merge.outputs import model_card, write_config, write_generation_config
@@ -35,6 +35,7 @@ from qlora_kit.rundir import (
     check_writable,
     peak_memory_bytes,
     publish,
+    require_run,
     staging_dir_for,
     versions,
 )
@@ -63,11 +64,7 @@ class VerificationFailed(Exception):
 
 def load_run(run_dir: Path, overrides: list[str]) -> tuple[Recipe, dict[str, Any]]:
     """The run's resolved recipe (with overrides; a bare key means a merge field) and its metrics."""
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist: give a directory written by `qlora-kit train`")
-    adapter_dir(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"{run_dir} has no recipe.yaml: merge needs the resolved recipe that `qlora-kit train` writes")
+    require_run(run_dir)
     overrides = [item if "." in item.partition("=")[0] else f"merge.{item}" for item in overrides]
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     metrics_file = run_dir / "metrics.json"
