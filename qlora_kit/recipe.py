@@ -108,7 +108,8 @@ class QuantizationSection(Section):
         True, description="Quantize the quantization constants too (saves ~0.37 bit/param)."
     )
     bnb_4bit_compute_dtype: Dtype = Field(
-        "auto", description="dtype of the matmuls; auto = bfloat16 on a GPU that has it, float32 otherwise."
+        "auto",
+        description="dtype of the matmuls; auto = bfloat16 on a GPU with native bf16 (compute capability 8.0+), float32 otherwise (T4, V100, CPU).",
     )
     bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."
