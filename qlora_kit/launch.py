@@ -241,6 +241,22 @@ def check_packing(recipe: Recipe, resolved: Resolved) -> list[str]:
     return []
 
 
+def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
+    """FSDP and DeepSpeed shard over GPUs; without one (or without DeepSpeed) the launcher would fail in every worker
+    with a raw traceback, so the profile is refused here with what to run instead."""
+    if plan.mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        return [
+            f"launch.accelerate_profile: {plan.source} uses DeepSpeed, which is not installed: pip install deepspeed "
+            "on the GPU machine, or use the fsdp_qlora profile"
+        ]
+    if plan.sharded and not machine.on_gpu:
+        return [
+            f"launch.accelerate_profile: {plan.source} shards the model over GPUs ({plan.mode}) and this machine has "
+            "none: use the ddp profile (it runs on CPU processes) or no profile, or run on a GPU machine"
+        ]
+    return []
+
+
 def check_reporters(recipe: Recipe) -> list[str]:
     report_to = training_args(recipe).get("report_to") or []
     names = [report_to] if isinstance(report_to, str) else list(report_to)
@@ -262,6 +278,7 @@ def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | Non
         *check_device_map(recipe, plan),
         *check_idle_gpus(recipe, plan, machine),
         *check_packing(recipe, resolved),
+        *check_sharding_runs_here(plan, machine),
         *check_reporters(recipe),
         *model_config_problems(recipe),
     ]

@@ -109,7 +109,8 @@ class QuantizationSection(Section):
     )
     bnb_4bit_compute_dtype: Dtype = Field(
         "auto",
-        description="dtype of the matmuls; auto = bfloat16 on a GPU with native bf16 (compute capability 8.0+), float32 otherwise (T4, V100, CPU).",
+        description="dtype of the matmuls; auto = bfloat16 on a GPU with native bf16 (compute capability 8.0+), "
+        "float32 otherwise (T4, V100, CPU).",
     )
     bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."

@@ -144,11 +144,11 @@ def test_mode_is_read_from_the_environment_accelerate_sets():
 
 def test_fsdp_needs_quant_storage_equal_to_compute_dtype():
     wrong = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"})
-    message = problems(wrong, FSDP)
+    message = problems(wrong, FSDP, FOUR_GPUS)
     assert "quantization.bnb_4bit_quant_storage" in message and "set it to bfloat16 (it is uint8)" in message
     assert "ACCELERATE_USE_FSDP=true" in message
     right = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
-    launch.preflight(right, FSDP, CPU)
+    launch.preflight(right, FSDP, FOUR_GPUS)
     launch.preflight(wrong, DDP, CPU)  # DDP keeps whole models per process: any storage dtype works
 
 
@@ -158,11 +158,17 @@ def test_shipped_fsdp_and_zero3_profiles_pass_with_a_recipe_set_up_for_them():
         quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "float32"},
         model={"name_or_path": "some/model", "dtype": "float32"},
     )
+    import importlib.util
+
     for name in ("fsdp_qlora", "zero3"):
         plan = launch.launch_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
-        launch.preflight(right, plan, FOUR_GPUS)
+        missing = name == "zero3" and importlib.util.find_spec("deepspeed") is None
+        if missing:  # refused up front, naming the package, instead of failing inside every worker
+            assert "uses DeepSpeed, which is not installed" in problems(right, plan, FOUR_GPUS)
+        else:
+            launch.preflight(right, plan, FOUR_GPUS)
         message = problems(wrong, plan, FOUR_GPUS)
-        assert "2 problems" in message and "model.dtype" in message and f"profile {name}" in message
+        assert f"{2 + missing} problems" in message and "model.dtype" in message and f"profile {name}" in message
 
 
 def test_bf16_on_hardware_without_it():
@@ -287,7 +293,8 @@ def test_checks_run_before_any_weight_is_loaded(tiny_model_dir, arithmetic_rows,
         == 2
     )
     error = capsys.readouterr().err
-    assert "error: pre-flight check found a problem: quantization.bnb_4bit_quant_storage" in error
+    assert "error: pre-flight check found 2 problems: quantization.bnb_4bit_quant_storage" in error
+    assert "shards the model over GPUs (fsdp) and this machine has none" in error
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
 
 
