@@ -266,8 +266,13 @@ def training_metrics(trainer, runtime_s: float, mean_loss: float | None) -> dict
         "train_loss_mean": mean_loss,
         "steps": trainer.state.global_step,
         "train_tokens": tokens,
+        # Every real token the model read (prompts and padding-free packs included, padding excluded), all ranks:
+        # what other tools report as "tokens/s". The trained tokens are the ones in the loss.
+        "input_tokens": int(trainer._total_train_tokens),
         "train_runtime_s": runtime_s,
-        "tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,
+        "tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,  # trained tokens, kept for older readers
+        "trained_tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,
+        "input_tokens_per_second": trainer._total_train_tokens / runtime_s if runtime_s > 0 else 0.0,
         "peak_memory_bytes": rundir.peak_memory_bytes(),
         "versions": rundir.versions(),
     }

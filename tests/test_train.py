@@ -50,6 +50,9 @@ def test_run_directory_is_complete(trained):
     ):
         assert key in metrics, key
     assert metrics["steps"] == 12 and metrics["train_tokens"] > 0 and metrics["peak_memory_bytes"] > 0
+    # Input tokens include the prompts, trained tokens only the answers: both reported, named plainly.
+    assert metrics["input_tokens"] > metrics["train_tokens"]
+    assert metrics["input_tokens_per_second"] > metrics["trained_tokens_per_second"] > 0
     assert set(metrics["versions"]) >= {
         "torch",
         "transformers",
