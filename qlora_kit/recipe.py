@@ -64,7 +64,14 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "seed": 42,
 }
 
-SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+SECRET_WORDS = ("token", "secret", "password", "apikey", "api_key", "access_key")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a key names a credential: one of SECRET_WORDS as whole underscore-separated words (``hub_token``,
+    ``api_key``), so ``tokenizer_name_or_path`` or ``max_new_tokens`` are not taken for one."""
+    words = f"_{key.lower()}_"
+    return any(f"_{word}_" in words for word in SECRET_WORDS)
 
 
 class Section(BaseModel):
@@ -568,7 +575,7 @@ def redact(node: Any, key: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in node.items()}
     if isinstance(node, list):
         return [redact(v, key) for v in node]
-    if node and isinstance(node, str) and any(word in key.lower() for word in SECRET_WORDS):
+    if node and isinstance(node, str) and is_secret_key(key):
         return "<redacted>"
     return node
 

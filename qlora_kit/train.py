@@ -27,9 +27,9 @@ from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_toke
 from qlora_kit.errors import TrainingStopped, UserError
 from qlora_kit.evaluate import compare_base_and_tuned
 from qlora_kit.recipe import (
-    SECRET_WORDS,
     Recipe,
     culprit_key,
+    is_secret_key,
     resolved_dict,
     to_yaml,
     training_args,
@@ -103,7 +103,7 @@ def withhold_secrets(args: dict[str, Any]) -> dict[str, Any]:
     """
     kept = {}
     for key, value in args.items():
-        if isinstance(value, str) and value and any(word in key.lower() for word in SECRET_WORDS):
+        if isinstance(value, str) and value and is_secret_key(key):
             if key == "hub_token":
                 os.environ["HF_TOKEN"] = value
             continue
