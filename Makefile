@@ -8,7 +8,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 # The one command `make demo` ends with; tests/test_readme.py runs it as the README shows it.
-DEMO_CHAT := .venv/bin/qlora-kit export runs/demo --types q8_0 --force \&\& .venv/bin/python -m qlora_kit.export.chat runs/demo/gguf/demo-q8_0.gguf "What is 4 plus 18?"
+DEMO_CHAT := .venv/bin/qlora-kit export runs/demo --types q8_0 --force && .venv/bin/python -m qlora_kit.export.chat runs/demo/gguf/demo-q8_0.gguf "What is 4 plus 18?"
 
 .PHONY: setup demo test lint format constraints demo-model clean
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/qlora-kit train recipes/demo.yaml --output-dir runs/demo --force
 	@echo "Export the demo run to GGUF (verified by llama.cpp) and chat with it in llama.cpp:"
-	@echo "  $(DEMO_CHAT)"
+	@echo '  $(DEMO_CHAT)'
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests

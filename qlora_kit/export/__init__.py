@@ -60,8 +60,9 @@ class Job:
 
 
 def _overrides(items: list[str]) -> list[str]:
-    """A bare key means an export field (`qlora-kit export RUN q4_k_m... types=[f16]`)."""
-    return [item if "." in item.partition("=")[0] else f"export.{item}" for item in items]
+    """A key that does not start with a recipe section is an export field (`types=[f16]`, `verify=false`)."""
+    sections = set(Recipe.model_fields)
+    return [item if item.partition("=")[0].split(".")[0] in sections else f"export.{item}" for item in items]
 
 
 def prepare(run_dir: Path, output: Path | None, overrides: list[str], force: bool, show) -> Job:
