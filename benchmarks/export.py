@@ -33,7 +33,7 @@ TYPES = ["f16", "bf16", "q8_0", "q5_k_m", "q4_k_m"]
 PROMPTS = ["What is the sum of 4 and 18?", "Name the capital city of Zelmont.", "What number comes after 53?"]
 
 MEASURE = textwrap.dedent("""
-    import json, sys, time
+    import json, resource, sys, time
     from pathlib import Path
 
     def hwm():
@@ -48,7 +48,9 @@ MEASURE = textwrap.dedent("""
     started = time.perf_counter()
     report = export_run(run, output, [f"types=[{kind}]", "verify=false"]).report
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "baseline": baseline, "peak": hwm(), **report["files"][kind]}))
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the converter's process (kB on Linux)
+    result = {"seconds": seconds, "baseline": baseline, "peak": hwm(), "converter_peak": children}
+    print(json.dumps({**result, **report["files"][kind]}))
 """)
 
 
@@ -160,16 +162,17 @@ def markdown(args, exports: dict, speeds: dict, weights: int) -> str:
         f"{args.threads} threads in llama.cpp. One run each, every export in a fresh process.",
         "",
         "| type | file (MB) | export time (s) | of which quantize (s) | peak RSS above imports (MiB) | "
-        "llama.cpp tokens/s | vs transformers |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "converter process peak RSS (MiB) | llama.cpp tokens/s | vs transformers |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base = speeds["transformers"]
     for kind, row in exports.items():
         lines.append(
             f"| {kind} | {row['bytes'] / 1e6:.1f} | {row['seconds']:.1f} | {row['quantize_s']:.2f} | "
-            f"{(row['peak'] - row['baseline']) / 2**20:,.0f} | {speeds[kind]:.1f} | {speeds[kind] / base:.2f}x |"
+            f"{(row['peak'] - row['baseline']) / 2**20:,.0f} | {row['converter_peak'] / 2**20:,.0f} | "
+            f"{speeds[kind]:.1f} | {speeds[kind] / base:.2f}x |"
         )
-    lines.append(f"| merged model in transformers (float32) | | | | | {base:.1f} | 1.00x |")
+    lines.append(f"| merged model in transformers (float32) | | | | | | {base:.1f} | 1.00x |")
     return "\n".join(lines) + "\n"
 
 

@@ -296,23 +296,47 @@ GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m"]
 class GgufThresholds(Section):
     """One limit per GGUF type; the defaults are documented in docs/export.md."""
 
-    f32: float = Field(0.001, ge=0)
-    f16: float = Field(0.005, ge=0)
-    bf16: float = Field(0.02, ge=0)
-    q8_0: float = Field(0.02, ge=0)
-    q5_k_m: float = Field(0.05, ge=0)
-    q4_k_m: float = Field(0.10, ge=0)
+    f32: float = Field(
+        0.001, ge=0, description="Most allowed relative perplexity increase of f32 files over the merged model."
+    )
+    f16: float = Field(
+        0.005, ge=0, description="Most allowed relative perplexity increase of f16 files over the merged model."
+    )
+    bf16: float = Field(
+        0.02, ge=0, description="Most allowed relative perplexity increase of bf16 files over the merged model."
+    )
+    q8_0: float = Field(
+        0.02, ge=0, description="Most allowed relative perplexity increase of q8_0 files over the merged model."
+    )
+    q5_k_m: float = Field(
+        0.05, ge=0, description="Most allowed relative perplexity increase of q5_k_m files over the merged model."
+    )
+    q4_k_m: float = Field(
+        0.10, ge=0, description="Most allowed relative perplexity increase of q4_k_m files over the merged model."
+    )
 
 
 class GgufAgreement(Section):
     """Least fraction of held-out greedy generations identical to the merged model's, per GGUF type."""
 
-    f32: float = Field(1.0, ge=0, le=1)
-    f16: float = Field(1.0, ge=0, le=1)
-    bf16: float = Field(1.0, ge=0, le=1)
-    q8_0: float = Field(1.0, ge=0, le=1)
-    q5_k_m: float = Field(0.0, ge=0, le=1)
-    q4_k_m: float = Field(0.0, ge=0, le=1)
+    f32: float = Field(
+        1.0, ge=0, le=1, description="Least share of f32 greedy generations equal to the merged model's."
+    )
+    f16: float = Field(
+        1.0, ge=0, le=1, description="Least share of f16 greedy generations equal to the merged model's."
+    )
+    bf16: float = Field(
+        1.0, ge=0, le=1, description="Least share of bf16 greedy generations equal to the merged model's."
+    )
+    q8_0: float = Field(
+        1.0, ge=0, le=1, description="Least share of q8_0 greedy generations equal to the merged model's."
+    )
+    q5_k_m: float = Field(
+        0.0, ge=0, le=1, description="Least share of q5_k_m greedy generations equal to the merged model's."
+    )
+    q4_k_m: float = Field(
+        0.0, ge=0, le=1, description="Least share of q4_k_m greedy generations equal to the merged model's."
+    )
 
 
 class ExportSection(Section):
