@@ -36,19 +36,20 @@ def demo_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_export(demo_run) -> dict:
-    return export_run(demo_run, overrides=["types=[f16,q8_0,q4_k_m]", *FAST]).report
+    return export_run(demo_run, overrides=["types=[f16,bf16,q8_0,q4_k_m]", *FAST]).report
 
 
-def test_f16_and_q8_0_generate_what_transformers_generates(demo_run, demo_export):
+def test_f16_bf16_and_q8_0_generate_what_transformers_generates(demo_run, demo_export):
     check = demo_export["verification"]
     assert demo_export["complete"] and demo_export["failures"] == []
-    for kind in ("f16", "q8_0"):
+    for kind in ("f16", "bf16", "q8_0"):
         result = check["files"][kind]
         assert len(result["generations"]) == 6
         assert result["generation_agreement"] == 1.0, result["generations"]
         assert all(g["gguf"] == g["merged"] and g["merged"] for g in result["generations"])
     # f16 rounding moves held-out perplexity by well under its 0.5% limit; q4_k_m stays within its 10%.
     assert abs(check["files"]["f16"]["perplexity_increase"]) < 0.005
+    assert abs(check["files"]["bf16"]["perplexity_increase"]) < 0.02
     assert abs(check["files"]["q8_0"]["perplexity_increase"]) < 0.02
     assert abs(check["files"]["q4_k_m"]["perplexity_increase"]) < 0.10
     assert check["files"]["q4_k_m"]["thresholds"]["max_perplexity_increase"] == 0.10
@@ -61,7 +62,8 @@ def test_f16_and_q8_0_generate_what_transformers_generates(demo_run, demo_export
         "first_divergence": None,
     }
     output = demo_run / "gguf"
-    assert sorted(p.name for p in output.glob("*.gguf")) == ["run-f16.gguf", "run-q4_k_m.gguf", "run-q8_0.gguf"]
+    names = ["run-bf16.gguf", "run-f16.gguf", "run-q4_k_m.gguf", "run-q8_0.gguf"]
+    assert sorted(p.name for p in output.glob("*.gguf")) == names
     assert not list(demo_run.glob(".gguf*")), "the staging folder is gone"
     sizes = {kind: info["bytes"] for kind, info in demo_export["files"].items()}
     assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
