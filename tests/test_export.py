@@ -39,6 +39,7 @@ def demo_export(demo_run) -> dict:
     return export_run(demo_run, overrides=["types=[f16,bf16,q8_0,q4_k_m]", *FAST]).report
 
 
+@pytest.mark.slow
 def test_f16_bf16_and_q8_0_generate_what_transformers_generates(demo_run, demo_export):
     check = demo_export["verification"]
     assert demo_export["complete"] and demo_export["failures"] == []
@@ -69,6 +70,7 @@ def test_f16_bf16_and_q8_0_generate_what_transformers_generates(demo_run, demo_e
     assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"]
 
 
+@pytest.mark.slow
 def test_gguf_metadata_carries_template_and_special_tokens(demo_run, demo_export, demo_tokenizer):
     from gguf import GGUFReader
 
@@ -83,6 +85,7 @@ def test_gguf_metadata_carries_template_and_special_tokens(demo_run, demo_export
     assert len(value["tokenizer.ggml.tokens"]) == len(demo_tokenizer) == 768
 
 
+@pytest.mark.slow
 def test_modelfile_and_reports(demo_run, demo_export):
     output = demo_run / "gguf"
     modelfile = (output / "Modelfile").read_text()
@@ -95,6 +98,7 @@ def test_modelfile_and_reports(demo_run, demo_export):
     assert "| run-q4_k_m.gguf | q4_k_m |" in table and "identical." in table
 
 
+@pytest.mark.slow
 def test_adapter_only_lora_on_base_gguf_matches_the_merged_gguf(demo_run, demo_export, tmp_path, demo_tokenizer):
     from qlora_kit.export import llamacpp
     from qlora_kit.export.verify import llama_greedy
@@ -113,6 +117,7 @@ def test_adapter_only_lora_on_base_gguf_matches_the_merged_gguf(demo_run, demo_e
     with_lora.close(), alone.close()
 
 
+@pytest.mark.slow
 def test_failed_verification_keeps_nothing(demo_run, tmp_path):
     target = tmp_path / "strict"
     with pytest.raises(ExportFailed, match=r"q4_k_m: perplexity \+[0-9.]+% > \+0% over the merged model"):
@@ -120,6 +125,7 @@ def test_failed_verification_keeps_nothing(demo_run, tmp_path):
     assert not target.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_output_never_overlaps_inputs_and_needs_force(demo_run, demo_export, capsys):
     for output in (demo_run, demo_run / "merged", demo_run / "adapter" / "gguf"):
         assert main(["export", str(demo_run), "--output", str(output), "--force"]) == 2
@@ -130,6 +136,7 @@ def test_output_never_overlaps_inputs_and_needs_force(demo_run, demo_export, cap
         export_run(demo_run, overrides=["types=[q3_k_s]"], force=True)
 
 
+@pytest.mark.slow
 # Phi-3 and Gemma convert only with their SentencePiece tokenizer.model (llama.cpp's converter requires it); the tiny
 # models here share the demo's BPE tokenizer, so those two families are not among them.
 @pytest.mark.parametrize("architecture", ["qwen2-tied", "mistral"])

@@ -30,7 +30,6 @@ from qlora_kit.export import verify as checks
 from qlora_kit.merge import load_run, merge_run
 from qlora_kit.model import end_of_turn_ids
 from qlora_kit.recipe import Recipe
-from qlora_kit.train import peak_memory_bytes, versions
 
 
 @dataclass
@@ -139,8 +138,8 @@ def _export_into(job: Job, staging: Path, show) -> dict[str, Any]:
     family = ollama.write_modelfile(
         staging, first.name, job.tokenizer, export.system_prompt, lora.name if lora else None
     )
-    found = {**versions(), "llama-cpp-python": llamacpp.version()}
-    result = report.build(job, files, timings, pre, verification, family, lora, eot, found, peak_memory_bytes())
+    found = {**paths.versions(), "llama-cpp-python": llamacpp.version()}
+    result = report.build(job, files, timings, pre, verification, family, lora, eot, found, paths.peak_memory_bytes())
     report.write(staging, result)
     return result
 

@@ -1,4 +1,4 @@
-"""Where an export may go, how much disk it needs, and the one place that uses the run-directory helpers."""
+"""Where an export may go, how much disk it needs, and the one place that imports the run-directory helpers."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import shutil
 from pathlib import Path
 
 from qlora_kit.errors import UserError
-from qlora_kit.train import publish, staging_dir_for
+from qlora_kit.train import peak_memory_bytes, publish, staging_dir_for, versions
 
 # Bytes per weight of each GGUF type: 16- and 32-bit floats, q8_0 (32 int8 + one f16 scale per block of 32),
 # q5_k_m and q4_k_m (about 5.7 and 4.9 bits once the tensors llama.cpp keeps at higher precision are counted).
 BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_k_m": 5.7 / 8, "q4_k_m": 4.9 / 8}
 
-__all__ = ["BYTES_PER_WEIGHT", "check_output", "check_disk_space", "publish", "staging_for"]
+__all__ = ["BYTES_PER_WEIGHT", "check_disk_space", "check_output", "peak_memory_bytes", "publish", "staging_for"]
+__all__ += ["versions"]
 
 
 def staging_for(output: Path) -> Path:

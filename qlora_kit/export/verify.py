@@ -21,8 +21,16 @@ from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit.evaluate.generation import GenerationSettings, encode_prompts, generate_ids
 from qlora_kit.export import llamacpp
-from qlora_kit.merge.verify import HeldOut, run_examples
 from qlora_kit.recipe import Recipe
+
+
+@dataclass
+class HeldOut:
+    """The examples (input ids, labels) whose perplexity is compared and the prompts whose generations are."""
+
+    examples: list[tuple[list[int], list[int]]]
+    prompts: list[str]
+    source: str
 
 
 @dataclass
@@ -61,7 +69,7 @@ def held_out_data(recipe: Recipe, tokenizer) -> tuple[HeldOut, list[dict] | None
         if messages and any(m["role"] == "assistant" for m in messages):
             conversation = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
             break
-    return HeldOut(examples, prompts, source, prepared.eval), conversation
+    return HeldOut(examples, prompts, source), conversation
 
 
 def context_size(heldout: HeldOut, prompt_ids: list[list[int]], max_new_tokens: int) -> int:
@@ -83,16 +91,32 @@ def reference(recipe: Recipe, merged_dir: Path, adapter: Path | None, tokenizer,
     prompt_ids = encode_prompts(tokenizer, heldout.prompts)
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
     generations = generate_ids(model, tokenizer, prompt_ids, settings) if prompt_ids else []
-    quiet = HeldOut(heldout.examples, [], heldout.source, None)
-    loss_merged = run_examples(model, tokenizer, quiet, 1, lambda *_: None)["loss"]
+    loss_merged = transformers_loss(model, heldout.examples)
     _free(model)
     loss_adapter = None
     if adapter is not None:
         model = model_stage.load_adapter_model(recipe, adapter, tokenizer)
-        loss_adapter = run_examples(model, tokenizer, quiet, 1, lambda *_: None)["loss"]
+        loss_adapter = transformers_loss(model, heldout.examples)
         _free(model)
     stops = model_stage.end_of_turn_ids(tokenizer)
     return Reference(prompt_ids, generations, loss_merged, loss_adapter, stops)
+
+
+@torch.no_grad()
+def transformers_loss(model, examples: list[tuple[list[int], list[int]]]) -> float:
+    """Mean negative log-likelihood of the trained tokens, one unpadded sequence at a time (as llama_loss)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for ids, labels in examples:
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, :-1].float()
+        targets = torch.tensor(labels[1:], device=device)
+        loss = torch.nn.functional.cross_entropy(
+            logits, targets, ignore_index=data_stage.IGNORE_INDEX, reduction="sum"
+        )
+        total += loss.item()
+        count += int((targets != data_stage.IGNORE_INDEX).sum())
+    return total / max(count, 1)
 
 
 def llama_loss(model, examples: list[tuple[list[int], list[int]]]) -> float:
