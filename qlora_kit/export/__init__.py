@@ -74,7 +74,8 @@ def prepare(run_dir: Path, output: Path | None, overrides: list[str], force: boo
     output = Path(output or export.output or default)
     merged = run_dir / "merged"
     paths.check_output(output, [run_dir / "adapter", merged, run_dir / "recipe.yaml"], force)
-    llamacpp.converter_dir(), llamacpp.bindings()  # fail now, not after the merge, when llama.cpp is missing
+    llamacpp.converter_dir()  # fail now, not after the merge, when llama.cpp is missing
+    llamacpp.bindings()
     if not (merged / "merge_report.json").is_file():
         show("merge", {"merged": merged})
         merge_run(run_dir)
