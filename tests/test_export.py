@@ -157,3 +157,12 @@ def test_every_shipped_chat_format_has_an_ollama_template(template):
     name = template.stem
     assert ollama.family(template.read_text()) == name
     assert ollama.TEMPLATES[name].count("{{") == ollama.TEMPLATES[name].count("}}")
+
+
+def test_disk_space_is_checked_before_writing(tmp_path):
+    from qlora_kit.export.paths import BYTES_PER_WEIGHT, check_disk_space
+
+    with pytest.raises(UserError, match=r"the export needs about 1000000000.00 GB, [0-9.]+ GB are free"):
+        check_disk_space(tmp_path, 10**18)
+    # A 7B model in q4_k_m needs about 4.3 GB: 7e9 weights x 4.9 bits / 8.
+    assert 7e9 * BYTES_PER_WEIGHT["q4_k_m"] / 1e9 == pytest.approx(4.29, abs=0.01)
