@@ -304,6 +304,91 @@ class MergeSection(Section):
     )
 
 
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m"]
+
+
+class GgufThresholds(Section):
+    """One limit per GGUF type; the defaults are documented in docs/export.md."""
+
+    f32: float = Field(
+        0.001, ge=0, description="Most allowed relative perplexity increase of f32 files over the merged model."
+    )
+    f16: float = Field(
+        0.005, ge=0, description="Most allowed relative perplexity increase of f16 files over the merged model."
+    )
+    bf16: float = Field(
+        0.02, ge=0, description="Most allowed relative perplexity increase of bf16 files over the merged model."
+    )
+    q8_0: float = Field(
+        0.02, ge=0, description="Most allowed relative perplexity increase of q8_0 files over the merged model."
+    )
+    q5_k_m: float = Field(
+        0.05, ge=0, description="Most allowed relative perplexity increase of q5_k_m files over the merged model."
+    )
+    q4_k_m: float = Field(
+        0.10, ge=0, description="Most allowed relative perplexity increase of q4_k_m files over the merged model."
+    )
+
+
+class GgufAgreement(Section):
+    """Least fraction of held-out greedy generations identical to the merged model's, per GGUF type."""
+
+    f32: float = Field(
+        1.0, ge=0, le=1, description="Least share of f32 greedy generations equal to the merged model's."
+    )
+    f16: float = Field(
+        1.0, ge=0, le=1, description="Least share of f16 greedy generations equal to the merged model's."
+    )
+    bf16: float = Field(
+        1.0, ge=0, le=1, description="Least share of bf16 greedy generations equal to the merged model's."
+    )
+    q8_0: float = Field(
+        1.0, ge=0, le=1, description="Least share of q8_0 greedy generations equal to the merged model's."
+    )
+    q5_k_m: float = Field(
+        0.0, ge=0, le=1, description="Least share of q5_k_m greedy generations equal to the merged model's."
+    )
+    q4_k_m: float = Field(
+        0.0, ge=0, le=1, description="Least share of q4_k_m greedy generations equal to the merged model's."
+    )
+
+
+class ExportSection(Section):
+    format: Literal["gguf"] = Field("gguf", description="Export format: gguf (llama.cpp, Ollama, LM Studio).")
+    types: list[GgufType] = Field(
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        min_length=1,
+        description="GGUF types written, each its own file: f32, f16, bf16, q8_0, q5_k_m, q4_k_m.",
+    )
+    output: str | None = Field(
+        None, description="Export folder; default RUN_DIR/gguf (RUN_DIR/gguf-lora with adapter_only)."
+    )
+    adapter_only: bool = Field(
+        False, description="Write the adapter as a GGUF LoRA (plus a GGUF of the base to apply it on) instead."
+    )
+    pre_tokenizer: str | None = Field(
+        None,
+        description="llama.cpp pre-tokenizer name for a BPE tokenizer llama.cpp does not recognize; default: the "
+        "first of smollm, gpt-2, qwen2, llama-bpe that tokenizes the held-out text exactly as the tokenizer does.",
+    )
+    system_prompt: str | None = Field(None, description="SYSTEM line of the Ollama Modelfile.")
+    verify: bool = Field(
+        True, description="Check every GGUF in llama.cpp against the merged model; fail beyond the thresholds."
+    )
+    verify_examples: int = Field(16, gt=0, description="Held-out examples for the perplexity comparison.")
+    verify_generations: int = Field(8, ge=0, description="Held-out prompts whose greedy generations are compared.")
+    max_new_tokens: int = Field(24, gt=0, description="Tokens generated per held-out prompt when comparing.")
+    max_perplexity_increase: GgufThresholds = Field(
+        default_factory=GgufThresholds,
+        description="Most allowed relative held-out perplexity increase of each GGUF type over the merged model "
+        "(0.10 = 10%).",
+    )
+    min_generation_agreement: GgufAgreement = Field(
+        default_factory=GgufAgreement,
+        description="Least fraction of greedy generations identical to the merged model's, per GGUF type.",
+    )
+
+
 class Recipe(Section):
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -313,6 +398,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     merge: MergeSection = Field(default_factory=MergeSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe name>.")
 
 

@@ -135,6 +135,7 @@ TINY_ARCHITECTURES = {
     "llama": ("LlamaConfig", {}),
     "phi3": ("Phi3Config", {}),  # fused projections: qkv_proj and gate_up_proj
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),  # tied embeddings, biased q/k/v
+    "mistral": ("MistralConfig", {}),
 }
 
 
