@@ -67,8 +67,8 @@ def timed(function):
 
 def run_qlora_kit(data_file: Path, tokenizer_dir: str, cache_dir: Path, max_length: int, num_proc: int | None):
     from qlora_kit.data import build_datasets
-    from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import validate
+    from qlora_kit.tokenizer import load_tokenizer
 
     recipe = validate(
         {

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data.collate import real_token_count
 from qlora_kit.errors import UserError
 from qlora_kit.plan import ARCH_PREFIX, arch_config
@@ -252,7 +253,7 @@ def run_toolkit(recipe, warmup: int, steps: int, workdir: Path, started: float) 
     from qlora_kit.train import make_trainer
 
     recipe.training = {"packing": True, **_bench_training(recipe, warmup, steps)}
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     prepared = dataclasses.replace(data_stage.build_datasets(recipe, tokenizer), eval=None)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     trainer = make_trainer(recipe, model, tokenizer, prepared, workdir)
@@ -271,7 +272,7 @@ def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path)
     if tokenizer.chat_template is None:
-        model_stage.set_chat_template(tokenizer, recipe.model.chat_template)
+        tokenizer_rules.set_chat_template(tokenizer, recipe.model.chat_template)
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.name_or_path,
         quantization_config=model_stage.quantization_config(recipe),
@@ -477,7 +478,7 @@ def generation_models(path: Path):
         recipe = validate({"model": {"name_or_path": str(path)}, "data": {"train": [{"path": str(path)}]}})
     else:
         raise UserError(f"{path}: not a run directory (recipe.yaml + adapter/) nor a model folder (config.json)")
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     base = model_stage.load_base_model(recipe, tokenizer)
     variants = []
     if (path / "adapter").is_dir():

@@ -19,6 +19,7 @@ import torch
 from qlora_kit import checkpoints, launch
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import compare_base_and_tuned
@@ -291,8 +292,8 @@ def train(
     staging = staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])
 
-    tokenizer = model_stage.load_tokenizer(recipe)
-    launch.check_pad_token(tokenizer)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    tokenizer_rules.check_pad_token(tokenizer)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
     base = model_stage.load_base_model(recipe, tokenizer)

@@ -13,6 +13,7 @@ from typing import Any
 
 from qlora_kit.data.formats import normalize
 from qlora_kit.data.sources import Row, RowError
+from qlora_kit.tokenizer import adds_bos, end_of_turn_ids
 
 IGNORE_INDEX = -100
 Spans = list[tuple[int, int]]
@@ -65,8 +66,6 @@ def chat_spans(tokenizer, messages: list[dict], trained_from: int = 0) -> tuple[
 
 
 def _after_end_markers(tokenizer, text: str, end: int) -> int:
-    from qlora_kit.model import end_of_turn_ids
-
     markers = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
     moved = True
     while moved:
@@ -88,19 +87,9 @@ class TokenRules:
 
     @classmethod
     def of(cls, tokenizer) -> TokenRules:
-        from qlora_kit.model import end_of_turn_ids
-
         return cls(
             tokenizer.bos_token_id, adds_bos(tokenizer), tokenizer.eos_token_id, frozenset(end_of_turn_ids(tokenizer))
         )
-
-
-def adds_bos(tokenizer) -> bool:
-    """Whether the tokenizer's own post-processor would put a BOS first (the model was pre-trained with one)."""
-    if tokenizer.bos_token_id is None:
-        return False
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bool(probe) and probe[0] == tokenizer.bos_token_id
 
 
 def labels_for(ids: list[int], offsets: list[tuple[int, int]], spans: Spans, rules: TokenRules) -> tuple[list, list]:

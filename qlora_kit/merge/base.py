@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import Recipe
 
@@ -26,7 +27,7 @@ def locate_checkpoint(recipe: Recipe) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    model_stage._check_model_path(recipe)
+    tokenizer_rules.check_model_path(recipe)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
