@@ -160,7 +160,7 @@ def _turns(value: Any, row: Row, key: str, role_key: str, text_key: str, roles: 
             raise RowError(
                 row.where, f"{key}[{i}] must be an object with '{role_key}' and '{text_key}'", "malformed message"
             )
-        if turn[role_key] not in roles:
+        if not isinstance(turn[role_key], str) or turn[role_key] not in roles:
             raise RowError(
                 row.where,
                 f"{key}[{i}] has unknown role {turn[role_key]!r}: use one of {sorted(roles)}",
