@@ -77,7 +77,8 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
                 f"p99 {lengths['p99']:.0f} · max {lengths['max']} (max_length {max_length})",
             )
         )
-    rows.append(("truncated", f"{stats.truncated:,}"))
+    handled = ", ".join(f"{policy}: {count:,}" for policy, count in sorted(stats.truncation.items()))
+    rows.append(("truncated", f"{stats.truncated:,}" + (f" ({handled})" if handled else "")))
     rows.append(("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_target:,} with no trained token"))
     share = stats.trained_tokens / max(stats.tokens, 1)
     rows.append(("tokens trained on", f"{stats.trained_tokens:,} of {stats.tokens:,} ({share:.1%})"))
