@@ -89,7 +89,7 @@ def _check_rendered(text: str, messages: list[dict], spans: Spans, turns: list[i
     """Tools, every tool call and the last reasoning must appear where the template put them."""
     names = [tool.get("function", tool).get("name") for tool in chat.tools or []]
     if names and not any(isinstance(name, str) and name in text for name in names):
-        raise Unrendered("tools", "does not render the tools column", TOOLS_FIX)
+        raise Unrendered("tools", "does not render tools (the row's tools column)", TOOLS_FIX)
     for (start, end), i in zip(spans, turns, strict=True):
         for call in messages[i].get("tool_calls") or []:
             if call["function"]["name"] not in text[start:end]:
@@ -98,7 +98,7 @@ def _check_rendered(text: str, messages: list[dict], spans: Spans, turns: list[i
     if with_reasoning and with_reasoning[-1]["reasoning_content"].strip() not in text:
         raise Unrendered(
             "reasoning",
-            "does not render reasoning_content",
+            "does not render reasoning (the reasoning_content of assistant turns)",
             "use a template that renders it (model.chat_template: qwen3, or the model's own), or set reasoning: drop "
             "on this source",
         )

@@ -1,0 +1,243 @@
+"""Tool calling and reasoning data: what each shipped template trains, that inference prompts are prefixes of the
+training text, validation of bad rows, truncation that keeps the answer, and a model that learns to stop."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from qlora_kit import data
+from qlora_kit.data.build import fit_length
+from qlora_kit.errors import UserError
+from qlora_kit.tokenizer import read_template, shipped_templates
+
+from .test_data import TEMPLATE_TOKENS
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+FORMS = {
+    "plain": {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+    "tools": {
+        "tools": [WEATHER],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "content": '{"temp": 21}'},
+            {"role": "assistant", "content": "21 degrees."},
+        ],
+    },
+    "reasoning": {
+        "messages": [
+            {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": "5", "reasoning_content": "2 plus 3 is 5."},
+        ]
+    },
+    "multi-turn-reasoning": {
+        "messages": [
+            {"role": "user", "content": "2+3?"},
+            {"role": "assistant", "content": "5", "reasoning_content": "2 plus 3 is 5."},
+            {"role": "user", "content": "4+4?"},
+            {"role": "assistant", "content": "8", "reasoning_content": "4 plus 4 is 8."},
+        ]
+    },
+}
+QWEN3_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>'
+LLAMA_CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>'
+# The decoded trained runs: each assistant turn's content (its tool call, its reasoning where the template shows it)
+# and the end-of-turn token. Qwen3's final turn always carries a <think> block, empty when there is no reasoning (so
+# it is what the model writes after the generation prompt); earlier turns lose their reasoning, as at inference.
+TRAINED = {
+    ("qwen3", "plain"): ["<think>\n\n</think>\n\nhello<|im_end|>\n"],
+    ("qwen3", "tools"): [QWEN3_CALL, "<think>\n\n</think>\n\n21 degrees.<|im_end|>\n"],
+    ("qwen3", "reasoning"): ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>\n"],
+    ("qwen3", "multi-turn-reasoning"): ["5<|im_end|>", "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>\n"],
+    ("llama-3.1", "plain"): ["hello<|eot_id|>"],
+    ("llama-3.1", "tools"): [LLAMA_CALL, "21 degrees.<|eot_id|>"],
+    ("chatml", "plain"): ["hello<|im_end|>\n"],
+    ("qwen", "plain"): ["hello<|im_end|>\n"],
+    ("gemma", "plain"): ["hello<end_of_turn>\n"],
+    ("llama-3", "plain"): ["hello<|eot_id|>"],
+    ("mistral", "plain"): [" hello<|endoftext|>"],  # no generation prompt: the model writes the space; EOS ends it
+    ("phi-3", "plain"): ["hello<|end|>\n"],
+}
+# Templates without tool support: Gemma's and Mistral's reject a tool turn outright, the others would drop it silently.
+REJECTS_TOOLS = {"gemma", "mistral"}
+CHAT_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(demo_tokenizer):
+    """The demo tokenizer with every shipped template's markers as added tokens, as the real tokenizers have."""
+    tokenizer = copy.deepcopy(demo_tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATE_TOKENS + CHAT_TOKENS})
+    return tokenizer
+
+
+def encode(tokenizer, row: dict, chat: dict | None = None):
+    canonical = data.normalize(data.Row(copy.deepcopy(row), "test row 1", "messages"), "messages", None, chat)
+    return canonical, data.tokenize(tokenizer, *data.render(canonical, "messages", tokenizer))
+
+
+def trained_runs(tokenizer, ids, labels) -> list[str]:
+    runs, current = [], []
+    for token, label in zip(ids, labels, strict=True):
+        if label != data.IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, tokenizer.decode(current)], []
+    return runs + ([tokenizer.decode(current)] if current else [])
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("name", shipped_templates())
+def test_every_template_trains_exactly_the_answers_or_names_what_it_cannot_render(chat_tokenizer, name, form):
+    chat_tokenizer.chat_template = read_template(name)
+    row = FORMS[form]
+    expected = TRAINED.get((name, form))
+    if expected is None:
+        kind = "tools" if form == "tools" else "reasoning"
+        reason = (
+            "rejects this conversation" if kind == "tools" and name in REJECTS_TOOLS else f"does not render {kind}"
+        )
+        with pytest.raises(data.RowError, match=f"test row 1: the chat template {reason}") as caught:
+            encode(chat_tokenizer, row)
+        assert caught.value.kind in ("template ignores tools", "template ignores reasoning", "chat template error")
+        return
+    canonical, (ids, labels) = encode(chat_tokenizer, row)
+    assert trained_runs(chat_tokenizer, ids, labels) == expected
+    # The prompt each answer is generated from at inference is exactly what precedes it in the training text.
+    text = chat_tokenizer.decode(ids)
+    messages, tools = canonical.data["messages"], canonical.data.get("tools")
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = chat_tokenizer.apply_chat_template(
+                messages[:i], tools=tools, tokenize=False, add_generation_prompt=True
+            )
+            assert text.startswith(prompt), (name, form, i)
+
+
+def test_qwen3_reasoning_policies_and_no_think_mode(chat_tokenizer):
+    chat_tokenizer.chat_template = read_template("qwen3")
+    row = FORMS["reasoning"]
+    _, (ids, labels) = encode(chat_tokenizer, row, {"reasoning": "mask"})
+    assert trained_runs(chat_tokenizer, ids, labels) == ["5<|im_end|>\n"]
+    assert "<think>\n2 plus 3 is 5.\n</think>" in chat_tokenizer.decode(ids)  # shown, not trained
+    _, (ids, labels) = encode(chat_tokenizer, row, {"reasoning": "drop"})
+    assert trained_runs(chat_tokenizer, ids, labels) == ["<think>\n\n</think>\n\n5<|im_end|>\n"]
+    # No-think mode: the empty think block belongs to the generation prompt, so only the answer is trained.
+    _, (ids, labels) = encode(chat_tokenizer, FORMS["plain"], {"template_kwargs": {"enable_thinking": False}})
+    assert trained_runs(chat_tokenizer, ids, labels) == ["hello<|im_end|>\n"]
+    canonical, _ = encode(chat_tokenizer, row, {"reasoning": "mask", "template_kwargs": {"enable_thinking": False}})
+    prompt, reference = data.prompt_and_reference(canonical, "messages", chat_tokenizer)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n") and reference == "5"
+
+
+def test_sharegpt_function_call_and_observation_render_like_messages(chat_tokenizer):
+    chat_tokenizer.chat_template = read_template("qwen3")
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+            {"from": "observation", "value": '{"temp": 21}'},
+            {"from": "gpt", "value": "21 degrees."},
+        ],
+        "tools": json.dumps([WEATHER]),  # LLaMA-Factory stores tools as a JSON string
+    }
+    row = data.normalize(data.Row(sharegpt, "r", "sharegpt"), "sharegpt")
+    assert data.render(row, "messages", chat_tokenizer) == data.render(
+        data.Row(copy.deepcopy(FORMS["tools"]), "r", "messages"), "messages", chat_tokenizer
+    )
+
+
+BAD_ROWS = [
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "{city: Paris}"}}]}]},
+        "messages[1].tool_calls[0].arguments is not valid JSON", "bad tool-call JSON",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "21"},
+                      {"role": "assistant", "content": "b"}]},
+        "message 1 is a tool result without a preceding assistant tool call", "tool result without a call",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a", "reasoning_content": "hm"},
+                      {"role": "assistant", "content": "b"}]},
+        "messages[0].reasoning_content is on a user turn", "reasoning on a non-assistant turn",
+    ),
+    (
+        {"messages": [{"role": "robot", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "messages[0] has unknown role 'robot'", "unknown role",
+    ),
+    (
+        {"tools": "[{not json", "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        "'tools' is not valid JSON", "bad tools JSON",
+    ),
+]  # fmt: skip
+
+
+def test_bad_chat_rows_are_named_and_counted_against_max_bad_rows(tmp_path, chat_tokenizer):
+    good = FORMS["tools"]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [good] + [row for row, _, _ in BAD_ROWS]))
+    for line, (_, message, kind) in enumerate(BAD_ROWS, start=2):
+        with pytest.raises(data.RowError, match=f"line {line}: {message}".replace("[", r"\[")) as caught:
+            data.normalize(data.read_source(data_source(path))[line - 1], "messages")
+        assert caught.value.kind == kind
+    bad = data.BadRows(limit=len(BAD_ROWS))
+    rows = data.read_formatted(data_source(path), "data.train.0", bad)
+    assert len(rows) == 1 and bad.reasons == {kind: 1 for _, _, kind in BAD_ROWS}
+    with pytest.raises(UserError, match=r"line 2: .*\(5 bad rows, more than data.max_bad_rows=4\)"):
+        data.read_formatted(data_source(path), "data.train.0", data.BadRows(limit=len(BAD_ROWS) - 1))
+
+
+def data_source(path: Path):
+    from qlora_kit.recipe import DataSource
+
+    return DataSource(path=str(path), format="messages")
+
+
+def long_conversation(turns: int) -> dict:
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(turns):
+        messages += [
+            {"role": "user", "content": f"What is {i} plus {i}? " + "please " * 6},
+            {"role": "assistant", "content": f"{2 * i}"},
+        ]
+    return {"messages": messages}
+
+
+@pytest.mark.parametrize("policy", ["truncate_prompt", "drop_turns", "truncate", "drop"])
+def test_truncation_keeps_the_answer(chat_tokenizer, policy):
+    chat_tokenizer.chat_template = read_template("chatml")
+    canonical, (ids, labels) = encode(chat_tokenizer, long_conversation(4))
+    full = trained_runs(chat_tokenizer, ids, labels)
+    assert full == ["0<|im_end|>\n", "2<|im_end|>\n", "4<|im_end|>\n", "6<|im_end|>\n"]
+    max_length = len(ids) - 20  # too long by 20 tokens; one exchange is about 25
+    stats = data.DataStats()
+    fitted = fit_length(canonical, ids, labels, chat_tokenizer, max_length, policy, stats)
+    assert stats.truncation == {policy: 1}
+    if policy == "drop":
+        assert fitted is None and stats.dropped_too_long == 1
+        return
+    ids2, labels2 = fitted
+    assert len(ids2) <= max_length
+    runs = trained_runs(chat_tokenizer, ids2, labels2)
+    if policy == "truncate":
+        assert runs[-1] != "6<|im_end|>\n"  # cutting the end loses the last answer and its end of turn
+    else:
+        assert runs[-1] == "6<|im_end|>\n"
+    if policy == "drop_turns":
+        text = chat_tokenizer.decode(ids2)
+        assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 1 plus 1?")
+        assert runs == full[1:]
