@@ -241,3 +241,34 @@ def test_truncation_keeps_the_answer(chat_tokenizer, policy):
         text = chat_tokenizer.decode(ids2)
         assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 1 plus 1?")
         assert runs == full[1:]
+
+
+def test_preflight_names_where_training_and_inference_renders_differ(tmp_path, tiny_model_dir):
+    """A DeepSeek-R1-style template whose generation prompt opens a <think> block its rendered turns do not have:
+    training would teach text the model never sees at inference."""
+    from qlora_kit.data.build import build_datasets
+    from qlora_kit.recipe import validate
+    from qlora_kit.tokenizer import load_tokenizer
+
+    template = tmp_path / "r1.jinja"
+    template.write_text(
+        read_template("chatml").replace("'<|im_start|>assistant\\n'", "'<|im_start|>assistant\\n<think>\\n'")
+    )
+    train = tmp_path / "train.jsonl"
+    train.write_text(json.dumps(FORMS["plain"]) + "\n")
+    raw = {
+        "model": {"name_or_path": str(tiny_model_dir), "chat_template": str(template)},
+        "data": {"train": [{"path": str(train)}], "cache": False},
+        "output_dir": str(tmp_path / "run"),
+    }
+    with pytest.raises(UserError) as caught:
+        build_datasets(validate(raw), load_tokenizer(validate(raw)))
+    # "<|im_start|>user\nhi<|im_end|>\n" is 30 characters, "<|im_start|>assistant\n" 22 more: they differ at 52.
+    assert str(caught.value) == (
+        "pre-flight check: 1 of 1 conversations render differently at training and at inference; first: "
+        f"{train} line 1: the training text and the inference prompt differ at character 52: training has "
+        "'hello<|im_end|>\\n' where inference has '<think>\\n': use a chat template whose generation prompt is what "
+        "its assistant turns start with (model.chat_template), or the model's own"
+    )
+    raw["model"]["chat_template"] = "chatml"
+    assert build_datasets(validate(raw), load_tokenizer(validate(raw))).stats.examples == 1

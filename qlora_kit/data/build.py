@@ -16,12 +16,20 @@ from typing import Any
 from qlora_kit.data import cache
 from qlora_kit.data.formats import detect_format, detection_note, normalize_rows
 from qlora_kit.data.sources import BadRows, Row, RowError, read_source
-from qlora_kit.data.tokens import IGNORE_INDEX, TokenRules, encode_batch, render_canonical, tokenize
+from qlora_kit.data.tokens import (
+    IGNORE_INDEX,
+    TokenRules,
+    encode_batch,
+    inference_mismatch,
+    render_canonical,
+    tokenize,
+)
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import DataSource, Recipe
 
 CHUNK = 1000  # rows per tokenizer call and per task handed to a worker process
 PARALLEL_FROM = 20_000  # below this, starting worker processes costs more than it saves
+PREFLIGHT_ROWS = 8  # conversations per split rendered both ways before tokenizing (a few ms each)
 
 
 @dataclass
@@ -345,6 +353,7 @@ def process(recipe: Recipe, tokenizer, show_progress: bool | None = None) -> tup
     stats = DataStats()
     bad = BadRows(limit=data.max_bad_rows)  # one budget for the whole dataset, whichever step finds the row bad
     train_rows, eval_rows = collect_rows(recipe, stats, bad)
+    check_inference_prompts(train_rows[:PREFLIGHT_ROWS] + eval_rows[:PREFLIGHT_ROWS], tokenizer)
     processes = processes_for(len(train_rows), data.num_proc)
     train = encode_rows(
         train_rows,
@@ -375,6 +384,26 @@ def process(recipe: Recipe, tokenizer, show_progress: bool | None = None) -> tup
     stats.skipped = Counter(bad.reasons)
     stats.lengths = length_percentiles([len(ids) for ids in train["input_ids"]])
     return train, evaluation, eval_rows, stats
+
+
+def check_inference_prompts(rows: list[Row], tokenizer) -> None:
+    """Pre-flight: training must render each conversation as apply_chat_template(..., add_generation_prompt=True)
+    plus the answer, or the model learns from text it never sees at inference (a template that adds a <think> opener
+    only to the generation prompt, or rewrites history). Rows the template rejects are left to the bad-row count."""
+    problems = []
+    for row in rows:
+        try:
+            problem = inference_mismatch(row, tokenizer)
+        except RowError:  # a row the template rejects is counted as bad where it is encoded
+            continue
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise UserError(
+            f"pre-flight check: {len(problems)} of {len(rows)} conversations render differently at training and at "
+            f"inference; first: {problems[0]}: use a chat template whose generation prompt is what its assistant "
+            "turns start with (model.chat_template), or the model's own"
+        )
 
 
 @contextmanager

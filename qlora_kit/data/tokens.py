@@ -256,6 +256,39 @@ def prompt_and_reference(row: Row, fmt: str, tokenizer) -> tuple[str, str] | Non
     return None
 
 
+def inference_mismatch(row: Row, tokenizer) -> str | None:
+    """Why the training text of a conversation is not its inference prompt + answer, or None when it is.
+
+    The prompt is what ``apply_chat_template(..., add_generation_prompt=True)`` gives for the conversation before
+    its last answer, the way a server would build it; training must show the model that exact text before the answer.
+    """
+    data = row.data
+    conversation = data.get("messages") or (data["prompt"] + data["completion"] if "prompt" in data else None)
+    if not isinstance(conversation, list):
+        return None
+    from jinja2 import TemplateError
+
+    last = max(i for i, m in enumerate(conversation) if m["role"] == "assistant")
+    chat = Chat.of(data)
+    text, _ = render_canonical(row, tokenizer)  # a row the template rejects raises its RowError
+    try:
+        prompt = chat.apply(tokenizer, conversation[:last], add_generation_prompt=True)
+    except TemplateError:
+        return None  # e.g. Mistral's template rejects a conversation ending in a tool result
+    if not text.startswith(prompt):
+        at = next(
+            (k for k, (a, b) in enumerate(zip(text, prompt, strict=False)) if a != b), min(len(text), len(prompt))
+        )
+        return (
+            f"{row.where}: the training text and the inference prompt differ at character {at}: training has "
+            f"{text[at : at + 24]!r} where inference has {prompt[at : at + 24]!r}"
+        )
+    answer = conversation[last]["content"].strip()
+    if answer and answer not in text[len(prompt) :]:
+        return f"{row.where}: the answer does not follow the inference prompt in the training text"
+    return None
+
+
 def reference_answer(message: dict[str, Any]) -> str:
     """An assistant turn's answer as text: its content, or its tool calls as JSON when it only calls tools."""
     if message["content"] or not message.get("tool_calls"):
