@@ -272,3 +272,30 @@ def test_preflight_names_where_training_and_inference_renders_differ(tmp_path, t
     )
     raw["model"]["chat_template"] = "chatml"
     assert build_datasets(validate(raw), load_tokenizer(validate(raw))).stats.examples == 1
+
+
+def test_example_files_render_and_the_docs_show_what_qlora_kit_data_prints(tmp_path, tiny_model_dir, capsys):
+    import re
+
+    from qlora_kit import cli
+
+    from .conftest import REPO
+
+    examples = sorted((REPO / "data" / "examples").glob("*.jsonl"))
+    assert [p.name for p in examples] == ["reasoning.jsonl", "sharegpt_tools.jsonl", "tools.jsonl"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": {"name_or_path": str(tiny_model_dir), "chat_template": "qwen3"},
+                "data": {"train": [{"path": str(p)} for p in examples], "cache": False},
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
+    assert cli.main(["data", str(recipe), "--plain", "--examples", "6", "training.packing=false"]) == 0
+    out = capsys.readouterr().out
+    assert "bad rows skipped" not in out and "training examples" in out
+    docs = (REPO / "docs" / "data.md").read_text()
+    shown = re.search(r"shows it \(the first row.*?```\n(.*?)```", docs, re.S).group(1)
+    assert shown.strip() in out

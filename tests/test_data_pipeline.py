@@ -409,7 +409,7 @@ def test_recipes_in_the_data_docs_are_valid():
     from .conftest import REPO
 
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "data.md").read_text(), re.S)
-    assert blocks
-    for block in blocks:
-        recipe = validate(yaml.safe_load(block))
-        assert recipe.data.train[0].weight == 3 and recipe.data.train[1].columns == {"messages": "conversation"}
+    assert len(blocks) == 2
+    recipes = [validate(yaml.safe_load(block)) for block in blocks]
+    assert recipes[0].data.train[0].weight == 3 and recipes[0].data.train[1].columns == {"messages": "conversation"}
+    assert [(s.reasoning, s.enable_thinking) for s in recipes[1].data.train] == [("train", None), ("mask", False)]
