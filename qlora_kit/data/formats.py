@@ -229,7 +229,8 @@ def _turn(turn: Any, where: str, row: Row, role_key: str, text_key: str, roles: 
 
 
 def _reasoning(turn: dict, message: dict[str, Any], row: Row, where: str) -> None:
-    key = next((k for k in REASONING_KEYS if turn.get(k) is not None), None)
+    # An empty field is no reasoning (datasets with a thinking column hold null or "" on every other turn).
+    key = next((k for k in REASONING_KEYS if turn.get(k) not in (None, "")), None)
     if key is None:
         return
     if message["role"] != "assistant":
