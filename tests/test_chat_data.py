@@ -287,7 +287,7 @@ def test_example_files_render_and_the_docs_show_what_qlora_kit_data_prints(tmp_p
     recipe.write_text(
         json.dumps(
             {
-                "model": {"name_or_path": str(DEMO_MODEL), "chat_template": "qwen3"},
+                "model": {"name_or_path": str(tiny_model_dir), "chat_template": "qwen3"},
                 "data": {"train": [{"path": str(p)} for p in examples], "cache": False},
                 "output_dir": str(tmp_path / "run"),
             }
