@@ -61,6 +61,8 @@ TRAINED = {
     ("qwen3", "tools"): [QWEN3_CALL, "<think>\n\n</think>\n\n21 degrees.<|im_end|>\n"],
     ("qwen3", "reasoning"): ["<think>\n2 plus 3 is 5.\n</think>\n\n5<|im_end|>\n"],
     ("qwen3", "multi-turn-reasoning"): ["5<|im_end|>", "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>\n"],
+    ("qwen2.5", "plain"): ["hello<|im_end|>\n"],
+    ("qwen2.5", "tools"): [QWEN3_CALL + "\n", "21 degrees.<|im_end|>\n"],
     ("llama-3.1", "plain"): ["hello<|eot_id|>"],
     ("llama-3.1", "tools"): [LLAMA_CALL, "21 degrees.<|eot_id|>"],
     ("chatml", "plain"): ["hello<|im_end|>\n"],
@@ -124,6 +126,31 @@ def test_every_template_trains_exactly_the_answers_or_names_what_it_cannot_rende
                 messages[:i], tools=tools, tokenize=False, add_generation_prompt=True
             )
             assert text.startswith(prompt), (name, form, i)
+
+
+# Shipped template -> the published template trl bundles (trl/chat_templates/), copied from the checkpoints.
+PUBLISHED = {"qwen3": "qwen3", "qwen2.5": "qwen2_5", "llama-3.1": "llama3_1"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_shipped_templates_render_exactly_as_the_published_ones(chat_tokenizer, name):
+    import trl
+
+    published = (Path(trl.__file__).parent / "chat_templates" / f"{PUBLISHED[name]}.jinja").read_text()
+    rendered = 0
+    for form, row in FORMS.items():
+        messages, tools = row["messages"], row.get("tools")
+        for end in range(2, len(messages) + 1):
+            for options in ({}, {"add_generation_prompt": True}, {"enable_thinking": False}):
+                texts = [
+                    chat_tokenizer.apply_chat_template(
+                        messages[:end], tools=tools, tokenize=False, chat_template=template, **options
+                    )
+                    for template in (read_template(name), published)
+                ]
+                assert texts[0] == texts[1], (form, end, options)
+                rendered += 1
+    assert rendered == 3 * (1 + 3 + 1 + 3)  # every prefix ending after the first answer, three ways
 
 
 def test_qwen3_reasoning_policies_and_no_think_mode(chat_tokenizer):

@@ -82,7 +82,7 @@ class Unrendered(Exception):
         self.kind, self.what, self.fix = kind, what, fix
 
 
-TOOLS_FIX = "use a template with tool support (model.chat_template: qwen3 or llama-3.1, or the model's own)"
+TOOLS_FIX = "use a template with tool support (model.chat_template: qwen3, qwen2.5 or llama-3.1, or the model's own)"
 
 
 def _check_rendered(text: str, messages: list[dict], spans: Spans, turns: list[int], chat: Chat) -> None:
