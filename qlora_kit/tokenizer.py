@@ -125,10 +125,10 @@ def read_template(choice: str) -> str:
 def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that end a generated answer: EOS plus the chat template's end-of-turn tokens when they exist."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    vocab = tokenizer.get_vocab()  # built anew on every call: fetch it once
     for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token in tokenizer.get_vocab() and token_id not in ids:
-            ids.append(token_id)
+        if token in vocab and vocab[token] not in ids:
+            ids.append(vocab[token])
     return ids
 
 

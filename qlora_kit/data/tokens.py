@@ -128,7 +128,7 @@ def _turn_span(tokenizer, text: str, messages: list[dict], i: int, chat: Chat, a
     """Where assistant turn ``i`` lies in ``text``: after the generation prompt the template gives at inference."""
     prefix = chat.apply(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
     if text.startswith(prefix) and len(prefix) >= after:
-        upto = chat.apply(tokenizer, messages[: i + 1])
+        upto = text if i == len(messages) - 1 else chat.apply(tokenizer, messages[: i + 1])
         if text.startswith(upto) and len(upto) > len(prefix):
             return len(prefix), len(upto)
         # Templates that render a turn differently once more turns follow (Qwen3 drops earlier reasoning, Phi-3
@@ -161,19 +161,27 @@ def _without_reasoning(text: str, span: tuple[int, int], reasoning: str) -> tupl
 
 
 def _first_end_marker(tokenizer, text: str, start: int) -> int | None:
-    markers = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
-    found = [text.find(marker, start) for marker in markers if marker]
+    markers = _end_markers(tokenizer)
+    found = [text.find(marker, start) for marker in markers]
     found = [position for position in found if position >= 0]
-    return _after_end_markers(tokenizer, text, min(found)) if found else None
+    return _skip_markers(markers, text, min(found)) if found else None
 
 
 def _after_end_markers(tokenizer, text: str, end: int) -> int:
-    markers = [tokenizer.convert_ids_to_tokens(i) for i in end_of_turn_ids(tokenizer)]
+    return _skip_markers(_end_markers(tokenizer), text, end)
+
+
+def _end_markers(tokenizer) -> list[str]:
+    return [marker for marker in tokenizer.convert_ids_to_tokens(end_of_turn_ids(tokenizer)) if marker]
+
+
+def _skip_markers(markers: list[str], text: str, end: int) -> int:
+    """The position after the end-of-turn markers that start at ``end`` (Phi-3 writes <|end|> then EOS)."""
     moved = True
     while moved:
         moved = False
         for marker in markers:
-            if marker and text.startswith(marker, end):
+            if text.startswith(marker, end):
                 end, moved = end + len(marker), True
     return end
 
