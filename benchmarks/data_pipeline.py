@@ -103,8 +103,8 @@ def generate_modern(path: Path, rows: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     forms = [FORMS[i % len(FORMS)] for i in range(rows)]
     with path.open("w") as handle:
-        for form in forms:
-            handle.write(json.dumps(modern_row(rng, form)) + "\n")
+        for index, form in enumerate(forms):  # trl keeps extra columns: the index pairs its rows with qlora-kit's
+            handle.write(json.dumps({"index": index, **modern_row(rng, form)}) + "\n")
     return forms
 
 
@@ -196,26 +196,38 @@ def run_trl(
     return cold, cold_s, warm, warm_s
 
 
-def compare(ours, theirs, sample: int = 2000, rows: list[int] | None = None) -> float:
-    """Share of sampled rows (or of ``rows``) where both pipelines give identical input_ids and labels; trl's labels
-    are its input_ids where its assistant mask is 1."""
-    indices = rows[:sample] if rows is not None else list(range(min(sample, len(ours), len(theirs))))
-    if not indices:
-        return 0.0
-    a, b = ours.select(indices), theirs.select(indices)
-    theirs_labels = (
-        b["labels"]
-        if "labels" in b.column_names
-        else [
-            [t if m else -100 for t, m in zip(ids, mask, strict=True)]
-            for ids, mask in zip(b["input_ids"], b["assistant_masks"], strict=True)
-        ]
-    )
+def trl_labels(theirs) -> list[list[int]]:
+    """trl's labels: its input_ids where its assistant mask is 1 (the collator builds them the same way)."""
+    if "labels" in theirs.column_names:
+        return theirs["labels"]
+    return [
+        [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+        for ids, mask in zip(theirs["input_ids"], theirs["assistant_masks"], strict=True)
+    ]
+
+
+def compare(ours, theirs, sample: int = 2000) -> float:
+    """Share of sampled rows where both pipelines give identical input_ids and labels."""
+    count = min(sample, len(ours), len(theirs))
+    a, b = ours.select(range(count)), theirs.select(range(count))
     same = sum(
         x == y and p == q
-        for x, y, p, q in zip(a["input_ids"], b["input_ids"], a["labels"], theirs_labels, strict=True)
+        for x, y, p, q in zip(a["input_ids"], b["input_ids"], a["labels"], trl_labels(b), strict=True)
     )
-    return same / len(indices)
+    return same / count if count else 0.0
+
+
+def agreement_by_form(ours, theirs, forms: list[str]) -> dict[str, str]:
+    """Per form: rows with identical input_ids and labels in both pipelines, paired by the rows' index column (trl
+    drops rows its mask leaves without a trained token; such a row counts as different)."""
+    position = {index: j for j, index in enumerate(theirs["index"])}
+    their_ids, their_labels = theirs["input_ids"], trl_labels(theirs)
+    same, total = dict.fromkeys(FORMS, 0), dict.fromkeys(FORMS, 0)
+    for i, (ids, labels) in enumerate(zip(ours["input_ids"], ours["labels"], strict=True)):
+        total[forms[i]] += 1
+        j = position.get(i)
+        same[forms[i]] += j is not None and ids == their_ids[j] and labels == their_labels[j]
+    return {form: f"{same[form] / total[form]:.1%} of {total[form]:,}" for form in FORMS if total[form]}
 
 
 def main() -> int:
@@ -277,12 +289,9 @@ def report(args, num_proc: int, data_file: Path, ours, theirs, forms: list[str] 
         f"{compare(ours[0].train, theirs[0]):.1%}; examples {len(ours[0].train):,} vs {len(theirs[0]):,}; "
         f"tokens {our_tokens:,} vs {their_tokens:,}",
     ]
-    if forms and len(ours[0].train) == len(theirs[0]) == len(forms):  # per form, when no row was dropped
-        agreement = {
-            form: compare(ours[0].train, theirs[0], rows=[i for i, f in enumerate(forms) if f == form])
-            for form in FORMS
-        }
-        lines.append("same tokens and labels per form: " + ", ".join(f"{k} {v:.1%}" for k, v in agreement.items()))
+    if forms and len(ours[0].train) == len(forms):  # qlora-kit kept every row, so its rows are in the file's order
+        agreement = agreement_by_form(ours[0].train, theirs[0], forms)
+        lines.append("same tokens and labels per form: " + ", ".join(f"{k} {v}" for k, v in agreement.items()))
     print("\n".join(lines))
 
 
