@@ -323,6 +323,9 @@ def test_example_files_render_and_the_docs_show_what_qlora_kit_data_prints(tmp_p
     assert cli.main(["data", str(recipe), "--plain", "--examples", "6", "training.packing=false"]) == 0
     out = capsys.readouterr().out
     assert "bad rows skipped" not in out and "training examples" in out
+    flat = " ".join(re.sub(r"[│┌┐└┘├┤─┬┴┼]", " ", out).split())  # the statistics table's cells, unwrapped
+    # tools.jsonl: 3 rows with tools, 2 calls, 2 results; sharegpt_tools.jsonl: 1, 1, 1; reasoning.jsonl: 3 turns.
+    assert "tools and reasoning rows with tools: 4, tool calls: 3, tool results: 3, reasoning turns: 3" in flat
     docs = (REPO / "docs" / "data.md").read_text()
     shown = re.search(r"shows it \(the first row.*?```\n(.*?)```", docs, re.S).group(1)
     assert shown.strip() in out

@@ -39,6 +39,7 @@ class DataStats:
     formats: dict[str, str] = field(default_factory=dict)
     detected: dict[str, str] = field(default_factory=dict)  # how each source's format was chosen
     skipped: Counter = field(default_factory=Counter)  # bad rows skipped, by reason
+    chat: Counter = field(default_factory=Counter)  # rows with tools; tool calls, tool results, reasoning turns
     duplicates: int = 0
     eval_rows: int = 0
     truncated: int = 0  # examples cut to max_length (truncate, truncate_prompt)
@@ -58,7 +59,7 @@ class DataStats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataStats:
-        counters = {"rows", "used", "skipped", "truncation"}
+        counters = {"rows", "used", "skipped", "truncation", "chat"}
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         return cls(**{k: Counter(v) if k in counters else v for k, v in known.items()})
 
@@ -89,9 +90,23 @@ def read_formatted(
     if not rows:
         raise UserError(f"{label} ({source.path}): no valid row is left after skipping {bad.reasons.total()} bad ones")
     if stats is not None:
+        count_chat(rows, stats.chat)
         stats.formats[source.path] = fmt
         stats.detected[source.path] = detection_note(fmt, source.format, source.columns)
     return rows
+
+
+def count_chat(rows: list[Row], counts: Counter) -> None:
+    """What the conversations hold beyond plain turns, for the report."""
+    for row in rows:
+        data = row.data
+        conversation = data.get("messages") or (data["prompt"] + data["completion"] if "prompt" in data else "")
+        if not isinstance(conversation, list):
+            continue
+        counts["rows with tools"] += bool(data.get("tools"))
+        counts["tool calls"] += sum(len(m.get("tool_calls") or []) for m in conversation)
+        counts["tool results"] += sum(m["role"] == "tool" for m in conversation)
+        counts["reasoning turns"] += sum(bool(m.get("reasoning_content")) for m in conversation)
 
 
 def _key(row: Row) -> str:

@@ -66,6 +66,8 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
     rows.append(("held-out rows", f"{stats.eval_rows:,}"))
     if stats.skipped:
         rows.append(("bad rows skipped", ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))))
+    if any(stats.chat.values()):
+        rows.append(("tools and reasoning", ", ".join(f"{k}: {v:,}" for k, v in stats.chat.items())))
     rows.append(("duplicates dropped", f"{stats.duplicates:,}"))
     rows.append(("training examples", f"{stats.examples:,}"))
     lengths = stats.lengths
