@@ -126,7 +126,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """Token ids that end a generated answer: EOS plus the chat template's end-of-turn tokens when they exist."""
     ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     vocab = tokenizer.get_vocab()  # built anew on every call: fetch it once
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"):
+    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>", "<｜end▁of▁sentence｜>"):
         if token in vocab and vocab[token] not in ids:
             ids.append(vocab[token])
     return ids

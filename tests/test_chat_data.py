@@ -63,6 +63,12 @@ TRAINED = {
     ("qwen3", "multi-turn-reasoning"): ["5<|im_end|>", "<think>\n4 plus 4 is 8.\n</think>\n\n8<|im_end|>\n"],
     ("qwen2.5", "plain"): ["hello<|im_end|>\n"],
     ("qwen2.5", "tools"): [QWEN3_CALL + "\n", "21 degrees.<|im_end|>\n"],
+    ("deepseek-r1", "plain"): ["\n</think>\n\nhello<｜end▁of▁sentence｜>"],
+    ("deepseek-r1", "reasoning"): ["2 plus 3 is 5.\n</think>\n\n5<｜end▁of▁sentence｜>"],
+    ("deepseek-r1", "multi-turn-reasoning"): [
+        "5<｜end▁of▁sentence｜>",
+        "4 plus 4 is 8.\n</think>\n\n8<｜end▁of▁sentence｜>",
+    ],
     ("llama-3.1", "plain"): ["hello<|eot_id|>"],
     ("llama-3.1", "tools"): [LLAMA_CALL, "21 degrees.<|eot_id|>"],
     ("chatml", "plain"): ["hello<|im_end|>\n"],
@@ -72,9 +78,11 @@ TRAINED = {
     ("mistral", "plain"): [" hello<|endoftext|>"],  # no generation prompt: the model writes the space; EOS ends it
     ("phi-3", "plain"): ["hello<|end|>\n"],
 }
+REWRITES_HISTORY = {"deepseek-r1"}
 # Templates without tool support: Gemma's and Mistral's reject a tool turn outright, the others would drop it silently.
 REJECTS_TOOLS = {"gemma", "mistral"}
 CHAT_TOKENS = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+CHAT_TOKENS += ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"]  # DeepSeek-R1
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +125,13 @@ def test_every_template_trains_exactly_the_answers_or_names_what_it_cannot_rende
         return
     canonical, (ids, labels) = encode(chat_tokenizer, row)
     assert trained_runs(chat_tokenizer, ids, labels) == expected
-    # The prompt each answer is generated from at inference is exactly what precedes it in the training text.
+    # The prompt each answer is generated from at inference is exactly what precedes it in the training text; for
+    # DeepSeek-R1 only the last answer's: its prompt opens <think>, which the history it renders later drops.
     text = chat_tokenizer.decode(ids)
     messages, tools = canonical.data["messages"], canonical.data.get("tools")
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     for i, message in enumerate(messages):
-        if message["role"] == "assistant":
+        if message["role"] == "assistant" and (i == last or name not in REWRITES_HISTORY):
             prompt = chat_tokenizer.apply_chat_template(
                 messages[:i], tools=tools, tokenize=False, add_generation_prompt=True
             )
@@ -151,6 +161,33 @@ def test_shipped_templates_render_exactly_as_the_published_ones(chat_tokenizer, 
                 assert texts[0] == texts[1], (form, end, options)
                 rendered += 1
     assert rendered == 3 * (1 + 3 + 1 + 3)  # every prefix ending after the first answer, three ways
+
+
+def test_deepseek_r1_prompts_match_the_published_template_which_fails_the_preflight_check(chat_tokenizer):
+    """The published R1 template opens <think> in its generation prompt but renders answers without it: qlora-kit's
+    pre-flight check names the mismatch; the shipped deepseek-r1 template gives the same prompts and trains the
+    text that follows them."""
+    import trl
+
+    published = (Path(trl.__file__).parent / "chat_templates" / "deepseek_r1_distill.jinja").read_text()
+    messages = FORMS["multi-turn-reasoning"]["messages"]
+    for end in (1, 3):  # the prompts of both answers
+        prompts = [
+            chat_tokenizer.apply_chat_template(
+                messages[:end], tokenize=False, add_generation_prompt=True, chat_template=template
+            )
+            for template in (read_template("deepseek-r1"), published)
+        ]
+        assert prompts[0] == prompts[1] and prompts[0].endswith("<｜Assistant｜><think>\n")
+    row = data.normalize(data.Row(copy.deepcopy(FORMS["plain"]), "r line 1", "messages"), "messages")
+    chat_tokenizer.chat_template = published
+    # BOS "<|endoftext|>" 13 characters, "<｜User｜>" 8, "hi" 2, "<｜Assistant｜>" 13: they differ at 36.
+    assert data.tokens.inference_mismatch(row, chat_tokenizer) == (
+        "r line 1: the training text and the inference prompt differ at character 36: training has "
+        "'hello<｜end▁of▁sentence｜>' where inference has '<think>\\n'"
+    )
+    chat_tokenizer.chat_template = read_template("deepseek-r1")
+    assert data.tokens.inference_mismatch(row, chat_tokenizer) is None
 
 
 def test_qwen3_reasoning_policies_and_no_think_mode(chat_tokenizer):
