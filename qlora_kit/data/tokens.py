@@ -100,8 +100,7 @@ def _check_rendered(text: str, messages: list[dict], spans: Spans, turns: list[i
             "reasoning",
             "does not render reasoning (the reasoning_content of assistant turns)",
             "use a template that renders it (model.chat_template: qwen3 or deepseek-r1, or the model's own), or set "
-            "reasoning: drop "
-            "on this source",
+            "reasoning: drop on this source",
         )
 
 
