@@ -114,6 +114,10 @@ def chat_spans(tokenizer, messages: list[dict], trained_from: int = 0, chat: Cha
         if message["role"] != "assistant" or i < trained_from:
             continue
         span = _turn_span(tokenizer, text, messages, i, chat, spans[-1][1] if spans else 0)
+        if span is None and message.get("tool_calls"):  # an untrained call would go unnoticed: say so instead
+            raise Unrendered(
+                "tool calls", f"renders the tool call of message {i} where it cannot be located", TOOLS_FIX
+            )
         if span is not None:
             spans.append(span)
             turns.append(i)
