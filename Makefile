@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lint format constraints demo-model clean
+.PHONY: setup demo test test-fast lint format constraints demo-model clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider --durations=10 tests
+
+# The unit tests alone (no training, merging or generation): under a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qlora_kit tests benchmarks

@@ -18,27 +18,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from qlora_kit.errors import UserError
 
 MARKER = "qlora-kit-checkpoint.json"
 SAVING_DIR = ".saving"  # where checkpoints are written before they are renamed into place
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-class TrainingStopped(Exception):
-    """Training stopped on a signal after saving a checkpoint; the run can be resumed."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
-        self.signum = signum
-        self.step = step
-        self.checkpoint = checkpoint
-        name = signal.Signals(signum).name
-        where = f"checkpoint saved at {checkpoint}" if checkpoint else "no checkpoint could be saved"
-        super().__init__(f"stopped by {name} at step {step}; {where}: continue with the same command and --resume")
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention for "ended by signal N": 143 for SIGTERM, 130 for SIGINT
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -151,32 +137,30 @@ class AtomicCheckpoints:
 # Stopping on a signal
 
 
-def stop_on_signal_callback(trainer):
-    """A TrainerCallback that, once SIGTERM/SIGINT has arrived on any rank, saves a checkpoint and ends training."""
-    from transformers import TrainerCallback
+class StopOnSignal(TrainerCallback):
+    """Once SIGTERM/SIGINT has arrived on any rank, save a checkpoint and end training."""
 
-    class StopOnSignal(TrainerCallback):
-        signum: int | None = None
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+        self.signum: int | None = None
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if self._agreed_signal():
-                control.should_save = True
-                control.should_training_stop = True
-            return control
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._agreed_signal():
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
-        def _agreed_signal(self) -> int | None:
-            # Every rank must stop at the same step or the others wait forever in the next all-reduce; the signal
-            # may reach ranks at different moments, so they agree on the largest signal number seen (0 = none).
-            if trainer.accelerator.num_processes == 1:
-                return self.signum
-            import torch
-
-            seen = torch.tensor([self.signum or 0], device=trainer.accelerator.device)
-            agreed = int(trainer.accelerator.reduce(seen, reduction="max").item())
-            self.signum = agreed or None
+    def _agreed_signal(self) -> int | None:
+        # Every rank must stop at the same step or the others wait forever in the next all-reduce; the signal
+        # may reach ranks at different moments, so they agree on the largest signal number seen (0 = none).
+        accelerator = self.trainer.accelerator
+        if accelerator.num_processes == 1:
             return self.signum
+        import torch
 
-    return StopOnSignal()
+        seen = torch.tensor([self.signum or 0], device=accelerator.device)
+        self.signum = int(accelerator.reduce(seen, reduction="max").item()) or None
+        return self.signum
 
 
 @contextmanager

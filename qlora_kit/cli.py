@@ -6,10 +6,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
-from qlora_kit.checkpoints import TrainingStopped
-from qlora_kit.errors import UserError
+from qlora_kit.console import EvalProgress, TrainProgress, is_main_process, show_eval, show_plan
+from qlora_kit.errors import TrainingStopped, UserError
+
+REPORT_LINE = (
+    "this is a bug in qlora-kit, not a mistake in your input: please report it with the command and the traceback "
+    "above (add --debug to see the full chain)"
+)
 
 
 def _console():
@@ -113,9 +117,13 @@ def _add_bench_parser(commands) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from qlora_kit.model import model_config_problems
     from qlora_kit.recipe import load_recipe, resolved_dict, to_yaml
 
     recipe = load_recipe(args.recipe, args.overrides)
+    problems = model_config_problems(recipe)  # when the model's config is on this machine: cheap, no weights
+    if problems:
+        raise UserError(f"{args.recipe} has {len(problems)} problem(s) with its model: " + "; ".join(problems))
     sys.stdout.write(to_yaml(resolved_dict(recipe)))
     _console().print(f"[green]ok[/green]: {args.recipe} is a valid recipe", style=None)
     return 0
@@ -139,23 +147,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         if launched is not None:  # this process started the workers and waited for them
             return launched
     console = _console()
-    if _is_main_process():
+    if is_main_process():
         console.rule(f"qlora-kit train · {args.recipe}")
         model, run = recipe.model.name_or_path, recipe.output_dir
         console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
     result = train(
-        recipe, Path(recipe.output_dir), force=args.force, progress=TrainProgress(console), resume=args.resume
+        recipe,
+        Path(recipe.output_dir),
+        force=args.force,
+        progress=TrainProgress(console),
+        resume=args.resume,
+        inputs={"the recipe file": args.recipe},
     )
-    return 0 if result.run_dir.exists() or not _is_main_process() else 1
+    return 0 if result.run_dir.exists() or not is_main_process() else 1
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_kit.data import build_datasets, preview
-    from qlora_kit.launch import packs
+    from qlora_kit.data.cache import check_writable
     from qlora_kit.recipe import load_recipe, training_args
+    from qlora_kit.resolve import resolve
     from qlora_kit.tokenizer import load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    check_writable(recipe.data)
     console = _console()
     plain = args.plain or not console.is_terminal
     tokenizer = load_tokenizer(recipe)
@@ -168,7 +183,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         recipe.data.max_length,
         training["per_device_train_batch_size"],
         training.get("packing_strategy", "bfd"),
-        packs(recipe),
+        resolve(recipe).packing,
     )
     return 0
 
@@ -211,144 +226,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class TrainProgress:
-    """Turns the training stage's milestones into terminal output."""
-
-    def __init__(self, console) -> None:
-        self.console = console
-
-    def __call__(self, event: str, payload: dict[str, Any]) -> None:
-        if not _is_main_process():
-            return
-        getattr(self, f"on_{event}", lambda _: None)(payload)
-
-    def on_data(self, stats: dict[str, Any]) -> None:
-        rows = sum(stats["rows"].values())
-        share = stats["trained_tokens"] / max(stats["tokens"], 1)
-        self.console.print(
-            f"data: {rows} rows ({', '.join(f'{k}: {v}' for k, v in stats['formats'].items())}), "
-            f"{stats['tokens']:,} tokens, {share:.0%} trained on; truncated {stats['truncated']}, "
-            f"dropped {stats['dropped_too_long'] + stats['dropped_no_target']}; cache {stats.get('cache', 'off')}"
-            + (f"; packing efficiency {stats['packing']['efficiency']:.0%}" if stats.get("packing") else "")
-        )
-
-    def on_model(self, info: dict[str, Any]) -> None:
-        self.console.print(
-            f"model: {info['total']:,} parameters, {info['trainable']:,} trainable LoRA "
-            f"({info['trainable'] / info['total']:.2%}), compute dtype {info['dtype']}"
-        )
-
-    def on_resume(self, info: dict[str, Any]) -> None:
-        self.console.print(f"resuming from {info['checkpoint']} (optimizer, scheduler, RNG and data position)")
-
-    def on_done(self, metrics: dict[str, Any]) -> None:
-        from rich.table import Table
-
-        console = self.console
-        console.print(
-            f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: loss "
-            f"{metrics['train_loss_first']:.3f} → {metrics['train_loss_last']:.3f}, "
-            f"{metrics['tokens_per_second']:.0f} trained tokens/s, "
-            f"peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
-        )
-        comparison = metrics.get("comparison")
-        if comparison:
-            table = Table(title="held-out: base vs fine-tuned")
-            table.add_column("metric")
-            table.add_column("base", justify="right")
-            table.add_column("fine-tuned", justify="right")
-            for key in ("eval_loss", "eval_perplexity", "exact_match"):
-                if f"{key}_base" in comparison:
-                    table.add_row(key, f"{comparison[f'{key}_base']:.3f}", f"{comparison[f'{key}_tuned']:.3f}")
-            console.print(table)
-            samples = Table(title="held-out generations", show_lines=True)
-            for column in ("prompt", "reference", "base", "fine-tuned"):
-                samples.add_column(column, overflow="fold")
-            for sample in comparison["samples"]:
-                samples.add_row(sample["prompt"][-80:], sample["reference"], sample["base"], sample["tuned"])
-            console.print(samples)
-        console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
-
-
-class EvalProgress:
-    """One rich progress bar per (model, phase): called with a description and a total, returns an advance function."""
-
-    def __init__(self, console) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bars = Progress(
-            TextColumn("{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-        )
-
-    def __enter__(self) -> EvalProgress:
-        self.bars.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.bars.stop()
-
-    def __call__(self, description: str, total: int):
-        task = self.bars.add_task(description, total=total)
-        return lambda done: self.bars.advance(task, done)
-
-
-def show_eval(console, report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from qlora_kit.evaluate.report import higher_is_better
-
-    models = list(report["metrics"])
-    table = Table(title="held-out: " + " vs ".join(models))
-    table.add_column("metric")
-    for name in models:
-        table.add_column(name, justify="right")
-    for name in models[1:]:
-        table.add_column(f"Δ {name}", justify="right")
-    for key in dict.fromkeys(k for m in models for k in report["metrics"][m]):
-        cells = [f"{report['metrics'][m][key]:.4g}" if key in report["metrics"][m] else "–" for m in models]
-        for name in models[1:]:
-            delta = report["deltas"][name].get(key)
-            good = delta is not None and delta != 0 and (delta > 0) == higher_is_better(key)
-            cells.append("–" if delta is None else f"[{'green' if good else 'red'}]{delta:+.4g}[/]")
-        table.add_row(key if higher_is_better(key) else f"{key} ↓", *cells)
-    console.print(table)
-    console.print(f"report: [bold]{report['run_dir']}[/bold]/eval.json, eval.md, eval.png, samples.jsonl")
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
-    import torch
-
-    from qlora_kit.plan import GIB, parse_memory, plan_recipe
+    from qlora_kit.plan import ASSUMED_GPU, GIB, parse_memory, plan_recipe
     from qlora_kit.recipe import load_recipe
+    from qlora_kit.resolve import this_machine
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.gpu_memory:
-        budget = parse_memory(args.gpu_memory)
-    else:
-        budget = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else 80 * GIB
-    # The planner sizes GPU runs (bf16 compute); on a machine without one it assumes an 80 GiB card unless told.
-    result = plan_recipe(recipe, budget, on_gpu=True)
-    if not args.gpu_memory and not torch.cuda.is_available():
+    # The planner sizes GPU runs: this machine's GPU, or an assumed 80 GiB card where there is none.
+    machine = this_machine() if this_machine().on_gpu else ASSUMED_GPU
+    budget = parse_memory(args.gpu_memory) if args.gpu_memory else machine.memory_bytes or 80 * GIB
+    result = plan_recipe(recipe, budget, machine)
+    if not args.gpu_memory and not this_machine().on_gpu:
         result.notes.append("no GPU here: checked against 80 GiB; pass --gpu-memory for your card")
-    console = _console()
-    console.print(f"plan for [bold]{args.recipe}[/bold]: {result.model}, batch {result.batch_size} x {result.length}")
-    for name, value in result.parts.items():
-        console.print(f"  {name:<22}{value / GIB:>9.2f} GiB")
-    console.print(
-        f"  {'total':<22}{result.total / GIB:>9.2f} GiB  (budget {result.budget_bytes / GIB:.2f} GiB "
-        f"after 1 GiB headroom)"
-    )
-    console.print("[green]fits[/green]" if result.fits else "[red]does not fit[/red]")
-    for line in result.suggestions + result.notes:
-        console.print(f"  {line}")
+    show_plan(_console(), args.recipe, result)
     return 0
 
 
@@ -361,19 +251,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise UserError("--side needs --json PATH for the measurements")
         bench.run_side(args.side, args.recipe, args.overrides, args.warmup_steps, args.steps, Path(args.json))
         return 0
-    from qlora_kit.train import check_run_dir
+    from qlora_kit import rundir
 
     if args.bench_command == "train":
-        output = Path(args.output_dir or Path("runs") / "bench" / Path(args.recipe).stem)
-        check_run_dir(output, args.force)  # before minutes of measuring, not after
+        output = Path(args.output_dir or dated_folder(Path("runs") / "bench" / Path(args.recipe).stem))
+        rundir.prepare_output(output, args.force, {"the recipe file": args.recipe})  # before minutes of measuring
         report = bench.bench_train(
             args.recipe, args.overrides, args.warmup_steps, args.steps, args.baseline, progress=console.print
         )
         markdown = bench.train_markdown(report)
     else:
         sizes = _batch_sizes(args.batch_sizes)
-        output = Path(args.output_dir or Path("runs") / "bench" / f"{Path(args.path).resolve().name}-generate")
-        check_run_dir(output, args.force)
+        output = Path(
+            args.output_dir or dated_folder(Path("runs") / "bench" / f"{Path(args.path).resolve().name}-generate")
+        )
+        rundir.prepare_output(output, args.force, {"the measured model": args.path})
         report = bench.bench_generate(
             args.path, sizes, args.prompt_tokens, args.new_tokens, args.repeats, progress=console.print
         )
@@ -384,6 +276,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console.print(Markdown(markdown))
     console.print(f"written: [bold]{output}/bench.json[/bold] and bench.md")
     return 0
+
+
+def dated_folder(base: Path) -> Path:
+    """A new folder per measurement (base-YYYYmmdd-HHMMSS), so running a benchmark again never meets the last one."""
+    from datetime import datetime
+
+    dated = base.with_name(f"{base.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    candidates = (dated.with_name(f"{dated.name}-{n}") if n else dated for n in range(1000))
+    return next(path for path in candidates if not path.exists())
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -431,6 +332,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        # Not caused by the input (those are UserErrors): show everything a bug report needs.
+        if args.debug:
+            raise
+        import traceback
+
+        traceback.print_exc()
+        print(f"error: {REPORT_LINE}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,88 +11,46 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import torch
 import yaml
 
 from qlora_kit.errors import UserError
-from qlora_kit.model import attention_kernel
+from qlora_kit.model import model_config_problems
 from qlora_kit.recipe import Recipe, training_args
+from qlora_kit.resolve import (
+    Launch,
+    Machine,
+    Resolved,
+    dtype_name,
+    keeps_examples_apart,
+    launch_from_env,
+    resolve,
+    this_machine,
+)
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 LAUNCHED_ENV = "QLORA_KIT_LAUNCHED"  # set by `qlora-kit train --accelerate-profile` in the processes it starts
-Mode = Literal["single", "ddp", "fsdp", "deepspeed"]
-SHARDED_MODES = ("fsdp", "deepspeed")
 REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How the run is (or is about to be) distributed."""
-
-    mode: Mode = "single"
-    world_size: int = 1
-    zero_stage: int | None = None
-    source: str = "one process"
-
-    @property
-    def sharded(self) -> bool:
-        """Whether parameters are sharded across processes (FSDP, or DeepSpeed ZeRO-3)."""
-        return self.mode == "fsdp" or (self.mode == "deepspeed" and self.zero_stage == 3)
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """What this machine offers: visible CUDA devices and whether they compute in bfloat16."""
-
-    cuda_devices: int
-    bf16_supported: bool
-    name: str
-
-
-def detect_hardware() -> Hardware:
-    if not torch.cuda.is_available():
-        return Hardware(cuda_devices=0, bf16_supported=True, name="cpu")  # torch runs bf16 on every CPU
-    return Hardware(torch.cuda.device_count(), torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(0))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Distributed mode: from the environment of a launched worker, or from a profile before launching.
 
 
-def _flag(env: dict[str, str], name: str) -> bool:
-    return env.get(name, "").lower() in ("1", "true", "yes")
-
-
-def plan_from_env(env: dict[str, str] | None = None) -> Plan:
-    """The mode accelerate/torchrun set up for this process (accelerate exports ACCELERATE_USE_FSDP and friends)."""
-    env = dict(os.environ if env is None else env)
-    world = int(env.get("WORLD_SIZE", "1"))
-    if _flag(env, "ACCELERATE_USE_FSDP"):
-        return Plan("fsdp", world, source="ACCELERATE_USE_FSDP=true")
-    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
-        stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") else None
-        return Plan("deepspeed", world, stage, source="ACCELERATE_USE_DEEPSPEED=true")
-    if world > 1:
-        return Plan("ddp", world, source=f"WORLD_SIZE={world}")
-    return Plan()
-
-
-def plan_from_profile(profile: dict[str, Any], name: str, processes: int | None = None) -> Plan:
+def launch_from_profile(profile: dict[str, Any], name: str, processes: int | None = None) -> Launch:
     """The mode a profile will launch, with ``processes`` overriding its num_processes."""
     world = processes or int(profile.get("num_processes", 1))
     kind = str(profile.get("distributed_type", "NO")).upper()
     if kind == "FSDP":
-        return Plan("fsdp", world, source=f"profile {name}")
+        return Launch("fsdp", world, source=f"profile {name}")
     if kind == "DEEPSPEED":
         stage = (profile.get("deepspeed_config") or {}).get("zero_stage")
-        return Plan("deepspeed", world, int(stage) if stage is not None else None, source=f"profile {name}")
+        return Launch("deepspeed", world, int(stage) if stage is not None else None, source=f"profile {name}")
     if kind.startswith("MULTI_") or world > 1:
-        return Plan("ddp", world, source=f"profile {name}")
-    return Plan(source=f"profile {name}")
+        return Launch("ddp", world, source=f"profile {name}")
+    return Launch(source=f"profile {name}")
 
 
 def is_launched(env: dict[str, str] | None = None) -> bool:
@@ -138,11 +96,11 @@ def load_profile(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def launch_processes(profile: dict[str, Any], hardware: Hardware) -> int | None:
+def launch_processes(profile: dict[str, Any], machine: Machine) -> int | None:
     """Processes to start on this machine: one per visible GPU for a single-machine multi-GPU profile."""
     multi = str(profile.get("distributed_type", "NO")).upper() != "NO"
-    if multi and hardware.cuda_devices > 0 and int(profile.get("num_machines", 1)) == 1:
-        return hardware.cuda_devices
+    if multi and machine.cuda_devices > 0 and int(profile.get("num_machines", 1)) == 1:
+        return machine.cuda_devices
     return None
 
 
@@ -165,11 +123,11 @@ def launch_profile(recipe: Recipe, argv: list[str]) -> int | None:
     path = resolve_profile(recipe.launch.accelerate_profile)
     profile = load_profile(path)
     if is_launched():
-        check_profile_matches(profile, path.name, plan_from_env())
+        check_profile_matches(profile, path.name, launch_from_env())
         return None
-    hardware = detect_hardware()
-    processes = launch_processes(profile, hardware)
-    preflight(recipe, plan_from_profile(profile, path.name, processes), hardware)  # fail here, not in N workers
+    machine = this_machine()
+    processes = launch_processes(profile, machine)
+    preflight(recipe, launch_from_profile(profile, path.name, processes), machine)  # fail here, not in N workers
     env = {**os.environ, LAUNCHED_ENV: str(path)}
     child = subprocess.Popen(relaunch_command(path, argv, processes), env=env)
     # SIGTERM (a scheduler stopping the job) goes on to the launcher, which passes it to every worker; SIGINT from a
@@ -181,9 +139,9 @@ def launch_profile(recipe: Recipe, argv: list[str]) -> int | None:
         signal.signal(signal.SIGTERM, previous)
 
 
-def check_profile_matches(profile: dict[str, Any], name: str, running: Plan) -> None:
+def check_profile_matches(profile: dict[str, Any], name: str, running: Launch) -> None:
     """A process launched by hand must run the mode the recipe's profile names, or the checks were for nothing."""
-    planned = plan_from_profile(profile, name)
+    planned = launch_from_profile(profile, name)
     if planned.mode != running.mode:
         raise UserError(
             f"launch.accelerate_profile: {name} is {planned.mode} but this process runs {running.mode} "
@@ -193,41 +151,16 @@ def check_profile_matches(profile: dict[str, Any], name: str, running: Plan) -> 
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Placement
-
-
-def device_map_for(recipe: Recipe, plan: Plan | None = None) -> dict[str, Any] | str | None:
-    """Where this process loads the model.
-
-    FSDP and ZeRO-3 shard the model themselves, so from_pretrained gets no device_map (bitsandbytes then quantizes
-    onto this process's current CUDA device). DDP and single-device runs put the whole model on this process's own
-    device; 'auto' and friends spread one model over every visible GPU, for one process only.
-    """
-    plan = plan or plan_from_env()
-    if plan.sharded:
-        return None
-    if recipe.launch.device_map != "per_process":
-        return recipe.launch.device_map
-    if torch.cuda.is_available():
-        from accelerate import PartialState
-
-        return {"": PartialState().local_process_index}
-    return {"": "cpu"}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Pre-flight checks: each returns the problems it finds, every message says what to change.
 
 
-def check_quant_storage(recipe: Recipe, plan: Plan) -> list[str]:
+def check_quant_storage(recipe: Recipe, resolved: Resolved) -> list[str]:
     """FSDP and ZeRO-3 flatten 4-bit and ordinary weights together, which needs one storage dtype for all."""
-    from qlora_kit.model import compute_dtype, weights_dtype
-
-    quant = recipe.quantization
+    quant, plan = recipe.quantization, resolved.launch
     if not (plan.sharded and quant.load_in_4bit):
         return []
     mode = "FSDP" if plan.mode == "fsdp" else "DeepSpeed ZeRO-3"
-    compute = str(compute_dtype(recipe)).removeprefix("torch.")
+    compute = dtype_name(resolved.compute_dtype)
     problems = []
     if quant.bnb_4bit_quant_storage != compute:
         problems.append(
@@ -235,7 +168,7 @@ def check_quant_storage(recipe: Recipe, plan: Plan) -> list[str]:
             f"with the other weights, so their storage dtype must be the compute dtype: set it to {compute} "
             f"(it is {quant.bnb_4bit_quant_storage})"
         )
-    weights = str(weights_dtype(recipe)).removeprefix("torch.")
+    weights = dtype_name(resolved.weights_dtype)
     if weights != compute:
         problems.append(
             f"model.dtype: {mode} needs the unquantized weights in the compute dtype: set it to {compute} "
@@ -244,7 +177,7 @@ def check_quant_storage(recipe: Recipe, plan: Plan) -> list[str]:
     return problems
 
 
-def check_bf16(recipe: Recipe, hardware: Hardware) -> list[str]:
+def check_bf16(recipe: Recipe, machine: Machine) -> list[str]:
     asked = [
         key
         for key, on in (
@@ -254,16 +187,17 @@ def check_bf16(recipe: Recipe, hardware: Hardware) -> list[str]:
         )
         if on
     ]
-    if not asked or hardware.bf16_supported:
+    if not asked or machine.bf16_supported:
         return []
     return [
-        f"{key}: bfloat16 was asked but {hardware.name} has no bfloat16 support: use float16 (and training.fp16: "
+        f"{key}: bfloat16 was asked but {machine.name} has no native bfloat16 (compute capability 8.0 or newer): "
+        "use float16 (and training.fp16: "
         "true) or float32"
         for key in asked
     ]
 
 
-def check_device_map(recipe: Recipe, plan: Plan) -> list[str]:
+def check_device_map(recipe: Recipe, plan: Launch) -> list[str]:
     spread = recipe.launch.device_map
     if spread == "per_process" or plan.mode == "single":
         return []
@@ -275,68 +209,52 @@ def check_device_map(recipe: Recipe, plan: Plan) -> list[str]:
     ]
 
 
-def check_idle_gpus(recipe: Recipe, plan: Plan, hardware: Hardware) -> list[str]:
-    if hardware.cuda_devices < 2 or plan.world_size > 1 or recipe.launch.device_map != "per_process":
+def check_idle_gpus(recipe: Recipe, plan: Launch, machine: Machine) -> list[str]:
+    if machine.cuda_devices < 2 or plan.world_size > 1 or recipe.launch.device_map != "per_process":
         return []
     return [
-        f"launch: {hardware.cuda_devices} GPUs are visible but this is one process, so {hardware.cuda_devices - 1} "
+        f"launch: {machine.cuda_devices} GPUs are visible but this is one process, so {machine.cuda_devices - 1} "
         "would sit idle: add --accelerate-profile ddp (one process per GPU), or set CUDA_VISIBLE_DEVICES to one GPU, "
         "or set launch.device_map: auto to spread one model over them"
     ]
 
 
-def packs(recipe: Recipe) -> bool:
-    """Whether training packs: the recipe's training.packing when set, else on wherever the model's attention keeps
-    packed examples apart (every model whose code uses transformers' masking utils, or a flash-attention kernel)."""
-    if "packing" in recipe.training:
-        return bool(recipe.training["packing"])
-    return bool(training_args(recipe).get("packing")) and _keeps_examples_apart(recipe)
-
-
-def _keeps_examples_apart(recipe: Recipe) -> bool:
-    return attention_kernel(recipe).startswith("flash_attention") or _masks_packed_sequences(recipe)
-
-
-def check_packing(recipe: Recipe) -> list[str]:
+def check_packing(recipe: Recipe, resolved: Resolved) -> list[str]:
     """Packed examples must not attend to each other: bfd packing plus a kernel that reads sequence boundaries.
 
     Only packing the recipe asks for is checked; the default switches itself off where it would not be safe.
     """
     args = training_args(recipe)
-    if packs(recipe) and args.get("packing_strategy", "bfd") == "wrapped":
+    if resolved.packing and args.get("packing_strategy", "bfd") == "wrapped":
         return [
             "training.packing_strategy: 'wrapped' cuts examples and lets them attend to each other: use bfd, "
             "which keeps examples whole and marks their boundaries"
         ]
     if not (recipe.training.get("packing") or args.get("padding_free")):
         return []
-    if not _keeps_examples_apart(recipe):
+    if not keeps_examples_apart(recipe, resolved.attn_implementation):
         return [
-            f"model.attn_implementation: {attention_kernel(recipe)} with this model's attention code cannot tell "
+            f"model.attn_implementation: {resolved.attn_implementation} with this model's attention code cannot tell "
             "packed examples apart, so they would attend to each other: use flash_attention_2, or set "
             "training.packing: false"
         ]
     return []
 
 
-def _masks_packed_sequences(recipe: Recipe) -> bool:
-    """Whether the model's code builds its mask with transformers' masking utils, which split packed sequences.
-
-    Only the config is read (no weights): the model class comes from the config, and masking_utils'
-    create_causal_mask derives per-example blocks from position_ids when no attention mask is passed.
-    """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    try:
-        config = AutoConfig.from_pretrained(
-            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
-        )
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except (OSError, ValueError, KeyError):
-        return False
-    module = sys.modules[model_class.__module__]
-    return any(hasattr(module, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask"))
+def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
+    """FSDP and DeepSpeed shard over GPUs; without one (or without DeepSpeed) the launcher would fail in every worker
+    with a raw traceback, so the profile is refused here with what to run instead."""
+    if plan.mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        return [
+            f"launch.accelerate_profile: {plan.source} uses DeepSpeed, which is not installed: pip install deepspeed "
+            "on the GPU machine, or use the fsdp_qlora profile"
+        ]
+    if plan.sharded and not machine.on_gpu:
+        return [
+            f"launch.accelerate_profile: {plan.source} shards the model over GPUs ({plan.mode}) and this machine has "
+            "none: use the ddp profile (it runs on CPU processes) or no profile, or run on a GPU machine"
+        ]
+    return []
 
 
 def check_reporters(recipe: Recipe) -> list[str]:
@@ -349,18 +267,22 @@ def check_reporters(recipe: Recipe) -> list[str]:
     ]
 
 
-def preflight(recipe: Recipe, plan: Plan | None = None, hardware: Hardware | None = None) -> None:
-    """Every check that needs no weights; raise one UserError listing all problems found."""
-    plan = plan or plan_from_env()
-    hardware = hardware or detect_hardware()
+def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | None = None) -> Resolved:
+    """Every check that needs no weights; raise one UserError listing all problems found, else return the settings
+    the run will use on ``machine`` under ``plan``."""
+    resolved = resolve(recipe, machine, plan)
+    plan, machine = resolved.launch, resolved.machine
     problems = [
-        *check_quant_storage(recipe, plan),
-        *check_bf16(recipe, hardware),
+        *check_quant_storage(recipe, resolved),
+        *check_bf16(recipe, machine),
         *check_device_map(recipe, plan),
-        *check_idle_gpus(recipe, plan, hardware),
-        *check_packing(recipe),
+        *check_idle_gpus(recipe, plan, machine),
+        *check_packing(recipe, resolved),
+        *check_sharding_runs_here(plan, machine),
         *check_reporters(recipe),
+        *model_config_problems(recipe),
     ]
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise UserError(f"pre-flight check found {count}: " + "; ".join(problems))
+    return resolved

@@ -5,55 +5,97 @@ The tokenizer rules (pad token, chat template, BOS, end-of-turn tokens) live in 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_kit.errors import UserError
+from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import Resolved, resolve
 from qlora_kit.tokenizer import check_model_path, pretrained_kwargs
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+# ---------------------------------------------------------------------------------------------------------------
+# The model's config, checked before any weight loads
 
 
-def compute_dtype(recipe: Recipe) -> torch.dtype:
-    """The matmul dtype: the recipe's, or bf16 on a GPU that has it and float32 elsewhere (never fp16 silently)."""
-    name = recipe.quantization.bnb_4bit_compute_dtype
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
+def read_model_config(recipe: Recipe):
+    """The base model's config when it is on this machine (a local folder or the hub cache), else None."""
+    from transformers import AutoConfig
+
+    path = Path(recipe.model.name_or_path).expanduser()
+    try:
+        return AutoConfig.from_pretrained(recipe.model.name_or_path, **pretrained_kwargs(recipe))
+    except (OSError, ValueError, KeyError) as exc:
+        if path.is_dir():
+            raise UserError(f"model.name_or_path: cannot read {path}/config.json: {first_line(exc)}") from None
+        return None  # a hub id that is not cached: from_pretrained reports it when it loads
 
 
-def attention_kernel(recipe: Recipe) -> str:
-    """The recipe's attention kernel; for auto, flash-attention 2 where it runs (an Ampere or newer GPU, the
-    flash-attn package, 16-bit compute: it reads packed sequence boundaries itself), else PyTorch's sdpa."""
-    requested = recipe.model.attn_implementation
-    if requested != "auto":
-        return requested
-    flash_runs = (
-        torch.cuda.is_available()
-        and compute_dtype(recipe) in (torch.bfloat16, torch.float16)
-        and importlib.util.find_spec("flash_attn") is not None
-        and torch.cuda.get_device_capability()[0] >= 8
-    )
-    return "flash_attention_2" if flash_runs else "sdpa"
+def model_config_problems(recipe: Recipe) -> list[str]:
+    """What the model's config says cannot work: not a causal LM, a rank wider than the model, positions it lacks."""
+    config = read_model_config(recipe)
+    if config is None:
+        return []
+    problems = _causal_lm_problems(recipe, config)
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(hidden, int) and recipe.lora.r > hidden:
+        problems.append(
+            f"lora.r: {recipe.lora.r} is larger than the model's hidden size {hidden}, so the adapter would have "
+            f"more parameters than the layers it adapts: use a rank below {hidden} (8 to 64 is usual)"
+        )
+    return problems + _position_problems(recipe, config)
 
 
-def weights_dtype(recipe: Recipe) -> torch.dtype:
-    """dtype of the parameters that stay unquantized (embeddings, norms, LoRA)."""
-    return compute_dtype(recipe) if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype]
+def _causal_lm_problems(recipe: Recipe, config) -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    causal = {name for name in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() if isinstance(name, str)}
+    architectures = list(getattr(config, "architectures", None) or [])
+    decoder_only = not getattr(config, "is_encoder_decoder", False)
+    if decoder_only and (not architectures or any(name in causal for name in architectures)):
+        return []
+    kind = ", ".join(architectures) or config.model_type
+    return [
+        f"model.name_or_path: {recipe.model.name_or_path} is a {kind}, not a causal (decoder-only) language model: "
+        "qlora-kit fine-tunes text generators such as Llama, Qwen, Mistral, Gemma or Phi"
+    ]
+
+
+def _position_problems(recipe: Recipe, config) -> list[str]:
+    """data.max_length beyond the positions the model was trained for: refused unless RoPE scaling extends them."""
+    positions = getattr(config, "max_position_embeddings", None)
+    length = recipe.data.max_length
+    if not isinstance(positions, int) or length <= positions:
+        return []
+    if "max_length" not in recipe.data.model_fields_set:
+        return []  # the schema's default is a cap, not a request; examples are rarely that long on such a model
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    scaling = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    if scaling not in (None, "default"):
+        import sys
+
+        print(
+            f"warning: data.max_length {length} is beyond the model's max_position_embeddings {positions}; its "
+            f"{scaling} RoPE scaling extends positions, but quality past the trained length is not guaranteed",
+            file=sys.stderr,
+        )
+        return []
+    return [
+        f"data.max_length: {length} is beyond the model's max_position_embeddings {positions} and its positions "
+        f"cannot extend (no RoPE scaling): set data.max_length to {positions} or less"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Base model
 
 
-def quantization_config(recipe: Recipe):
+def quantization_config(recipe: Recipe, resolved: Resolved | None = None):
     """transformers' BitsAndBytesConfig for the recipe, or None for an unquantized base."""
     from transformers import BitsAndBytesConfig
 
+    resolved = resolved or resolve(recipe)
     quant = recipe.quantization
     if quant.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -63,39 +105,30 @@ def quantization_config(recipe: Recipe):
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-        bnb_4bit_compute_dtype=compute_dtype(recipe),
-        bnb_4bit_quant_storage=DTYPES[quant.bnb_4bit_quant_storage],
+        bnb_4bit_compute_dtype=resolved.compute_dtype,
+        bnb_4bit_quant_storage=resolved.quant_storage,
     )
 
 
-def device_map(recipe: Recipe) -> dict[str, Any] | str | None:
-    """Each process loads its whole model onto its own device, unless FSDP/ZeRO-3 shard it (see launch.py)."""
-    from qlora_kit.launch import device_map_for
-
-    return device_map_for(recipe)
-
-
-def load_base_model(recipe: Recipe, tokenizer=None):
+def load_base_model(recipe: Recipe, tokenizer=None, resolved: Resolved | None = None):
     """Load the pretrained causal LM quantized as the recipe says (4-bit NF4 by default)."""
     from transformers import AutoModelForCausalLM
 
+    resolved = resolved or resolve(recipe)
     check_model_path(recipe)
     kwargs = dict(
         **pretrained_kwargs(recipe),
-        quantization_config=quantization_config(recipe),
-        dtype=weights_dtype(recipe),
-        attn_implementation=attention_kernel(recipe),
-        device_map=device_map(recipe),
+        quantization_config=quantization_config(recipe, resolved),
+        dtype=resolved.weights_dtype,
+        attn_implementation=resolved.attn_implementation,
+        device_map=resolved.device_map,
         use_safetensors=None if recipe.model.allow_pickle else True,
     )
     try:
         model = AutoModelForCausalLM.from_pretrained(recipe.model.name_or_path, **kwargs)
-    except (OSError, ValueError) as exc:
-        hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
-        raise UserError(
-            f"model.name_or_path: cannot load {recipe.model.name_or_path!r}: {_first_line(exc)}{hint}"
-        ) from None
-    if compute_dtype(recipe) == torch.float32:
+    except LOAD_ERRORS as exc:
+        raise weights_error("model.name_or_path", recipe.model.name_or_path, exc) from None
+    if resolved.compute_dtype == torch.float32:
         keep_float32_inference(model)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -154,7 +187,7 @@ def lora_config(recipe: Recipe):
     )
 
 
-def attach_lora(model, recipe: Recipe):
+def attach_lora(model, recipe: Recipe, resolved: Resolved | None = None):
     """Prepare a k-bit model for training and wrap it with fresh LoRA adapters."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
@@ -165,22 +198,123 @@ def attach_lora(model, recipe: Recipe):
             use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        if compute_dtype(recipe) == torch.bfloat16:
+        if (resolved or resolve(recipe)).compute_dtype == torch.bfloat16:
             keep_frozen_weights_in_bf16(model)
+    check_target_modules(model, recipe.lora.target_modules)
     try:
         return get_peft_model(model, lora_config(recipe))
     except ValueError as exc:
-        raise UserError(f"lora.target_modules: {_first_line(exc)}") from None
+        raise UserError(f"lora.target_modules: {first_line(exc)}") from None
 
 
-def load_adapter_model(recipe: Recipe, adapter_dir: str | Path, tokenizer=None, trainable: bool = False):
+def linear_module_names(model) -> list[str]:
+    """The distinct last names of the model's linear layers (4-bit, 8-bit or plain), as target_modules uses them."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if _is_linear(module)}
+    return sorted(names)
+
+
+def _is_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, torch.nn.Linear | bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+
+
+def check_target_modules(model, target_modules: str | list[str]) -> None:
+    """Every name in a target_modules list must match a module, or that part of the adapter silently never exists."""
+    import difflib
+
+    if isinstance(target_modules, str):
+        return  # all-linear, or a regular expression that peft checks itself
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in target_modules if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not missing:
+        return
+    linear = linear_module_names(model)
+    close = {t: difflib.get_close_matches(t, linear, n=1, cutoff=0.6) for t in missing}
+    hints = "".join(f" ('{t}': did you mean '{c[0]}'?)" for t, c in close.items() if c)
+    raise UserError(
+        f"lora.target_modules: {', '.join(map(repr, missing))} not found in this model{hints}; its linear modules "
+        f"are {', '.join(linear)} (or use all-linear)"
+    )
+
+
+def load_adapter_model(
+    recipe: Recipe, adapter_dir: str | Path, tokenizer=None, trainable: bool = False, resolved: Resolved | None = None
+):
     """The 4-bit base with a saved adapter on top, exactly as it was trained."""
     from peft import PeftModel
 
-    base = load_base_model(recipe, tokenizer)
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    check_adapter_files(Path(adapter_dir))
+    base = load_base_model(recipe, tokenizer, resolved)
+    try:
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    except LOAD_ERRORS as exc:
+        raise weights_error("adapter", adapter_dir, exc) from None
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+# ---------------------------------------------------------------------------------------------------------------
+# Damaged or unsafe files: named, never a traceback
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, SafetensorError, pickle.UnpicklingError, EOFError)
+
+
+LOAD_ERRORS = _load_errors()
+
+
+def weights_error(key: str, where: str | Path, exc: BaseException) -> UserError:
+    """The one-line error for a model or adapter that cannot be loaded, saying which file kind and what to do."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    if isinstance(exc, pickle.UnpicklingError):
+        return UserError(
+            f"{key}: {where} holds a pickle checkpoint with Python objects other than plain tensors, which qlora-kit "
+            "never runs: convert it to safetensors where you trust it, or use a safetensors checkpoint"
+        )
+    if isinstance(exc, SafetensorError | EOFError):
+        return UserError(
+            f"{key}: a .safetensors file in {where} is damaged or incomplete ({first_line(exc)}): download or copy "
+            "it again"
+        )
+    hint = " (set model.allow_pickle: true only if you trust the file)" if "safetensors" in str(exc) else ""
+    return UserError(f"{key}: cannot load {str(where)!r}: {first_line(exc)}{hint}")
+
+
+def read_adapter_config(folder: Path) -> dict[str, Any]:
+    """adapter_config.json as a mapping, or a UserError naming the file."""
+    import json
+
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"adapter: {path} is missing: give a PEFT adapter folder (a run directory's adapter/)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"adapter: {path} is damaged ({exc}): copy the adapter again or train it again") from None
+    if not isinstance(config, dict):
+        raise UserError(f"adapter: {path} must hold a JSON object, not {type(config).__name__}")
+    return config
+
+
+def check_adapter_files(folder: Path) -> None:
+    """An adapter folder has a readable config and weights whose safetensors header is whole."""
+    from safetensors import SafetensorError, safe_open
+
+    read_adapter_config(folder)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return
+        raise UserError(f"adapter: {folder} has no adapter_model.safetensors: the adapter's weights are missing")
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"adapter: {weights} is damaged or incomplete ({first_line(exc)}): copy it again") from None

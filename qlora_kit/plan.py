@@ -1,17 +1,19 @@
 """Memory planner: predict a recipe's peak training memory from the model's config alone, before loading anything.
 
 Every term is a closed-form count, written out so the arithmetic can be checked by hand (``tests/test_plan.py`` does).
-Worked example, Llama-3.1-8B, QLoRA r=16 on all linear layers, batch 1 x 2048 tokens, bf16 compute:
+Worked example, Llama-3.1-8B, QLoRA r=16 on all linear layers, batch 1 x 2048 tokens, bf16 compute, paged 8-bit
+AdamW (the numbers are checked against the planner by tests/test_docs.py):
 
-    quantized linears   6.98e9 params x (4 bits + 0.127 bits of constants) / 8      = 3.60 GB
-    embeddings, lm_head 2 x 128256 x 4096 = 1.05e9 params x 4 bytes (fp32 after
-                        peft's prepare_model_for_kbit_training)                        = 4.20 GB
-    LoRA                32 layers x r 16 x sum(in + out) = 41.9e6 params x 2 bytes    = 0.08 GB
-    gradients + AdamW   41.9e6 x (2 + 2 x 2) bytes                                     = 0.25 GB
-    activations         2048 x (32 layers x 4096 x 2 bytes kept at checkpoints
-                        + 350,432 bytes for the one layer being recomputed)            = 1.26 GB
-    logits              2048 x 128256 x (2 bf16 + 4 fp32 copy + 4 fp32 gradient)      = 2.63 GB
-    total                                                                              = 12.0 GB (11.2 GiB)
+    quantized_weights    6.98e9 params x (4 bits + 0.127 bits of constants) / 8      = 3.60 GB
+    unquantized_weights  embeddings + lm_head 2 x 128256 x 4096 = 1.05e9 params x 2 bytes
+                         (bf16: qlora-kit undoes peft's fp32 upcast)                   = 2.10 GB
+    lora_weights         32 layers x r 16 x sum(in + out) = 41.9e6 params x 2 bytes    = 0.08 GB
+    gradients            41.9e6 x 2 bytes                                              = 0.08 GB
+    optimizer_states     41.9e6 x 2 states x 1 byte (8-bit) + block constants         = 0.09 GB
+    activations          2048 x (32 layers x 4096 x 2 bytes kept at checkpoints
+                         + 350,432 bytes for the one layer being recomputed)           = 1.26 GB
+    logits               2048 x 128256 x (2 bf16 + 4 fp32 copy + 4 fp32 gradient)     = 2.63 GB
+    total                                                                              = 9.84 GB (9.16 GiB)
 
 Sources: QLoRA (Dettmers et al. 2023, section 3) for NF4 with 64-element blocks and double quantization (0.127 instead
 of 0.5 bits per parameter of constants); Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_kit.errors import UserError
+from qlora_kit.resolve import Launch, Machine, dtype_name, resolve, this_machine
 
 ARCH_DIR = Path(__file__).parent / "architectures"
 ARCH_PREFIX = "arch:"
@@ -406,16 +409,15 @@ def predict(shape: Shape, s: Settings) -> Plan:
     return Plan(model=shape.name, batch_size=s.batch_size, length=s.length, parts=parts, params=params)
 
 
-def settings_from_recipe(recipe, on_gpu: bool, shape: Shape) -> Settings:
-    """Read the memory-relevant values out of a validated recipe, resolving 'auto' dtypes for the target machine."""
-    from qlora_kit.model import attention_kernel
-    from qlora_kit.recipe import machine_training_defaults, training_args
+def settings_from_recipe(recipe, machine: Machine, shape: Shape) -> Settings:
+    """Read the memory-relevant values out of a validated recipe, with 'auto' resolved for ``machine`` exactly as
+    training resolves it there (so the plan and the run agree)."""
+    from qlora_kit.recipe import training_args
 
     args = training_args(recipe)
     quant = recipe.quantization
-    compute = quant.bnb_4bit_compute_dtype
-    if compute == "auto":
-        compute = "bfloat16" if on_gpu else "float32"
+    resolved = resolve(recipe, machine, Launch())
+    compute = dtype_name(resolved.compute_dtype)
     bits = 4 if quant.load_in_4bit else 8 if quant.load_in_8bit else None
     compute_bytes = DTYPE_BYTES[compute]
     weights = recipe.model.dtype if recipe.model.dtype != "auto" else compute
@@ -426,11 +428,11 @@ def settings_from_recipe(recipe, on_gpu: bool, shape: Shape) -> Settings:
         r=recipe.lora.r,
         targets=lora_targets(recipe.lora.target_modules, shape),
         lora_dropout=recipe.lora.lora_dropout,
-        optim=str(args.get("optim") or machine_training_defaults(on_gpu)["optim"]),
+        optim=resolved.optim,
         batch_size=int(args["per_device_train_batch_size"]),
         length=recipe.data.max_length,
         gradient_checkpointing=bool(args.get("gradient_checkpointing", True)),
-        attn_implementation=attention_kernel(recipe),
+        attn_implementation=resolved.attn_implementation,
         lora_bytes=2 if compute == "bfloat16" else 4,
         unquantized_bytes=(2 if compute == "bfloat16" else 4) if bits else DTYPE_BYTES[weights],
     )
@@ -451,14 +453,17 @@ def parse_memory(text: str) -> int:
 HEADROOM_BYTES = GIB
 
 
-def plan_recipe(recipe, budget_bytes: int | None = None, on_gpu: bool | None = None) -> Plan:
-    """Predict the recipe's peak memory; with a budget, say whether it fits and which batch or length does."""
-    import torch
+# What `qlora-kit plan` sizes for on a machine without a GPU (unless told the memory): a common 80 GiB card.
+ASSUMED_GPU = Machine(cuda_devices=1, name="an 80 GiB GPU (assumed)", capability=(8, 0), memory_bytes=80 * GIB)
 
-    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+
+def plan_recipe(recipe, budget_bytes: int | None = None, machine: Machine | None = None) -> Plan:
+    """Predict the recipe's peak memory on ``machine`` (default: this one); with a budget, say whether it fits and
+    which batch or length does."""
+    machine = machine or this_machine()
     config, source = read_config(recipe.model.name_or_path)
     shape = Shape.from_config(config, name=source)
-    settings = settings_from_recipe(recipe, on_gpu, shape)
+    settings = settings_from_recipe(recipe, machine, shape)
     result = predict(shape, settings)
     result.notes.append(f"config from {source}; compute {settings.compute_bytes * 8}-bit, optimizer {settings.optim}")
     if budget_bytes is not None:

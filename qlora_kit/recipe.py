@@ -12,7 +12,10 @@ import dataclasses
 import difflib
 import functools
 import importlib.util
+import math
+import tempfile
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +51,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0,
     "logging_steps": 5,
+    # The first and the last step are always logged (see train.LogLastStep), so every run records where it started.
+    "logging_first_step": True,
     "save_strategy": "steps",
     "save_steps": 200,
     "save_total_limit": 2,
@@ -103,7 +108,9 @@ class QuantizationSection(Section):
         True, description="Quantize the quantization constants too (saves ~0.37 bit/param)."
     )
     bnb_4bit_compute_dtype: Dtype = Field(
-        "auto", description="dtype of the matmuls; auto = bfloat16 on a GPU that has it, float32 otherwise."
+        "auto",
+        description="dtype of the matmuls; auto = bfloat16 on a GPU with native bf16 (compute capability 8.0+), "
+        "float32 otherwise (T4, V100, CPU).",
     )
     bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."
@@ -350,10 +357,15 @@ def _check_training(training: Any) -> list[str]:
     except ValidationError as exc:
         problems += [_format_error(err, prefix="training") for err in exc.errors()]
     merged = {**TRAINING_DEFAULTS, **known}
-    for key in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps"):
+    positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
+    intervals = [f"{kind}_steps" for kind in ("logging", "save", "eval") if merged.get(f"{kind}_strategy") == "steps"]
+    for key in (*positive, *intervals):
         value = merged.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
             problems.append(f"training.{key}: must be > 0, got {value}")
+    problems += _check_numbers(known)
+    if not problems:
+        problems += _check_steps(merged) or trainer_config_problems(merged)
     if merged.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         problems.append(
             "training.use_liger_kernel: the Liger kernels are not installed: pip install 'qlora-kit[liger]' "
@@ -362,17 +374,117 @@ def _check_training(training: Any) -> list[str]:
     return problems
 
 
+def _check_numbers(training: dict[str, Any]) -> list[str]:
+    return [
+        f"training.{key}: must be a finite number, got {value}"
+        for key, value in training.items()
+        if isinstance(value, float) and not math.isfinite(value)
+    ]
+
+
+def _check_steps(training: dict[str, Any]) -> list[str]:
+    """A run that would train no step is refused before anything loads (it would publish an untrained adapter)."""
+    max_steps, epochs = training.get("max_steps"), training.get("num_train_epochs")
+    if isinstance(max_steps, int) and max_steps > 0:
+        return []
+    if isinstance(epochs, int | float) and epochs <= 0:
+        return [f"training.num_train_epochs: {epochs} trains no step: set it above 0, or set training.max_steps"]
+    return []
+
+
+# Messages trl/transformers raise only because this machine lacks the hardware a recipe is written for; they are
+# checked again, for real, when training builds its config on the machine that trains.
+MACHINE_SPECIFIC = ("doesn't support bf16/gpu", "requires a GPU", "requires CUDA", "CUDA", "NPU", "XPU")
+
+
+def trainer_config_problems(training: dict[str, Any], on_cpu: bool = True) -> list[str]:
+    """Build trl's SFTConfig from ``training`` and report what its own validation rejects, named by recipe key."""
+    from trl import SFTConfig
+
+    args = {key: value for key, value in training.items() if key not in ("report_to",)}
+    args.setdefault("use_cpu", on_cpu)
+    with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # only its errors matter here; training shows its warnings once
+        try:
+            SFTConfig(output_dir=scratch, report_to="none", **args)
+        except (ValueError, TypeError) as exc:
+            message = str(exc).strip().replace("\n", " ")
+            if on_cpu and any(word in message for word in MACHINE_SPECIFIC):
+                return []
+            return [f"{culprit_key(training, message)}: {message}"]
+    return []
+
+
+def culprit_key(training: dict[str, Any], message: str) -> str:
+    """The recipe key a trainer-config error is about: the first key (or value) the message names."""
+    for key in sorted(training, key=len, reverse=True):
+        if key in message:
+            return f"training.{key}"
+    for key, value in training.items():
+        if isinstance(value, str) and value and value in message:
+            return f"training.{key}"
+    return "training"
+
+
+def normalize_strategies(training: Any) -> Any:
+    """YAML reads ``no`` as false; the *_strategy fields of trl's docs mean the string 'no'."""
+    if not isinstance(training, dict):
+        return training
+    return {k: "no" if k.endswith("_strategy") and v is False else v for k, v in training.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Loading, overrides and validation.
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader (no Python objects from YAML) that refuses a key written twice in one mapping."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise UserError(
+                f"{loader.name}: key {key!r} is written twice (lines {seen[key]} and {line}); keep one of them"
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_text(path: Path, what: str) -> str:
+    """A UTF-8 text file, or a UserError naming the file and the first byte that is not UTF-8."""
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a directory: give the path to a file")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist: give the path to a .yaml recipe")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{what} {path} is not UTF-8 text: byte {exc.start} (line {line}) is {data[exc.start : exc.start + 1]!r}; "
+            "save the file as UTF-8"
+        ) from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a recipe file with the safe loader (no Python objects can be constructed from YAML)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file {path} does not exist: give the path to a .yaml recipe")
+    text = read_text(path, "recipe file")
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _UniqueKeyLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -425,6 +537,8 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
     """Validate a raw recipe mapping; raise one UserError listing every problem by dotted key."""
     problems = []
     recipe = None
+    if isinstance(raw.get("training"), dict):
+        raw = {**raw, "training": normalize_strategies(raw["training"])}
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
@@ -444,15 +558,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if recipe.output_dir is None:
         recipe.output_dir = str(Path("runs") / Path(path).stem)
     return recipe
-
-
-def machine_training_defaults(on_gpu: bool) -> dict[str, Any]:
-    """Defaults that depend on the machine, applied under the recipe's own fields when training starts.
-
-    On a GPU, paged 8-bit AdamW (the QLoRA paper's optimizer): states in 8 bits are a quarter of AdamW's, and paging
-    moves them to CPU memory during a spike instead of running out of memory. On CPU there is nothing to page to.
-    """
-    return {"optim": "paged_adamw_8bit" if on_gpu else "adamw_torch"}
 
 
 def training_args(recipe: Recipe) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from qlora_kit.errors import UserError
+from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -45,7 +45,7 @@ def load_tokenizer(recipe: Recipe, saved: Path | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {_first_line(exc)}") from None
+        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {first_line(exc)}") from None
     if not tokenizer.is_fast:
         raise UserError(f"model.tokenizer_name_or_path: {source!r} has no fast tokenizer; qlora-kit needs one")
     ensure_pad_token(tokenizer)
@@ -138,8 +138,3 @@ def adds_bos(tokenizer) -> bool:
         return False
     probe = tokenizer("a", add_special_tokens=True)["input_ids"]
     return bool(probe) and probe[0] == tokenizer.bos_token_id
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -7,7 +7,7 @@ and plots are all written, so a run directory that exists is always complete.
 from __future__ import annotations
 
 import json
-import resource
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,17 +15,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from trl import SFTTrainer
 
-from qlora_kit import checkpoints, launch
+from qlora_kit import checkpoints, launch, rundir
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
+from qlora_kit.data import cache as data_cache
 from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
-from qlora_kit.errors import UserError
+from qlora_kit.errors import TrainingStopped, UserError
 from qlora_kit.evaluate import compare_base_and_tuned
-from qlora_kit.recipe import Recipe, machine_training_defaults, resolved_dict, to_yaml, training_args
-
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")
+from qlora_kit.recipe import (
+    SECRET_WORDS,
+    Recipe,
+    culprit_key,
+    resolved_dict,
+    to_yaml,
+    training_args,
+)
+from qlora_kit.resolve import Launch, Resolved, resolve
 
 
 @dataclass
@@ -39,13 +49,21 @@ class RunResult:
 # Run directory
 
 
-def staging_dir_for(run_dir: Path) -> Path:
-    return run_dir.parent / f".{run_dir.name}.partial"
+def input_paths(recipe: Recipe) -> dict[str, str | None]:
+    """Everything on this machine the training command reads, by the recipe key that names it."""
+    from qlora_kit.data.cache import cache_root
 
-
-def check_run_dir(run_dir: Path, force: bool) -> None:
-    if run_dir.exists() and not force:
-        raise UserError(f"output directory {run_dir} already exists: pass --force to replace it, or set --output-dir")
+    paths: dict[str, str | None] = {
+        "model.name_or_path": recipe.model.name_or_path,
+        "model.tokenizer_name_or_path": recipe.model.tokenizer_name_or_path,
+        "model.chat_template": recipe.model.chat_template,
+        "data.eval.path": recipe.data.eval.path if recipe.data.eval else None,
+        "data.cache_dir": str(cache_root(recipe.data)) if recipe.data.cache else None,
+    }
+    for index, source in enumerate(recipe.data.train):
+        for number, path in enumerate(rundir.local_paths([source.path])):
+            paths[f"data.train.{index}.path" + (f" ({path.name})" if number else "")] = str(path)
+    return {key: value for key, value in paths.items() if value and Path(value).expanduser().exists()}
 
 
 def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Path | None:
@@ -56,7 +74,7 @@ def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Pa
     """
     from accelerate import PartialState
 
-    staging = staging_dir_for(run_dir)
+    staging = rundir.staging_dir_for(run_dir)
     state = PartialState(cpu=not torch.cuda.is_available())
     checkpoint = checkpoints.resume_checkpoint(staging, resume) if resume else None
     if checkpoint is None and checkpoints.complete_checkpoints(staging) and not force:
@@ -74,71 +92,108 @@ def prepare_staging(run_dir: Path, force: bool, resume: bool | str | None) -> Pa
     return checkpoint
 
 
-def publish(staging: Path, run_dir: Path) -> None:
-    """Move a finished run into place; an old run (only with --force) is removed after the new one is in."""
-    trash = run_dir.parent / f".{run_dir.name}.old"
-    if trash.exists():
-        shutil.rmtree(trash)
-    if run_dir.exists():
-        run_dir.rename(trash)
-    staging.rename(run_dir)
-    if trash.exists():
-        shutil.rmtree(trash)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Trainer
 
 
-def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool):
+def withhold_secrets(args: dict[str, Any]) -> dict[str, Any]:
+    """Keep credentials out of the trainer's arguments, which are pickled into every checkpoint (training_args.bin).
+
+    A hub token goes to the environment variable huggingface_hub reads (HF_TOKEN), so pushing still works; any other
+    credential-looking field is dropped from the arguments. recipe.yaml records them as '<redacted>'.
+    """
+    kept = {}
+    for key, value in args.items():
+        if isinstance(value, str) and value and any(word in key.lower() for word in SECRET_WORDS):
+            if key == "hub_token":
+                os.environ["HF_TOKEN"] = value
+            continue
+        kept[key] = value
+    return kept
+
+
+def sft_config(recipe: Recipe, output_dir: Path, has_eval: bool, resolved: Resolved | None = None):
     """trl's SFTConfig from the recipe; precision follows the compute dtype (no silent fp32 on GPU or bf16 on CPU)."""
     from trl import SFTConfig
 
-    args = {**training_args(recipe), "packing": launch.packs(recipe)}
-    dtype = model_stage.compute_dtype(recipe)
-    for key, value in machine_training_defaults(torch.cuda.is_available()).items():
-        args.setdefault(key, value)
-    args.setdefault("bf16", dtype == torch.bfloat16)
-    args.setdefault("fp16", dtype == torch.float16)
+    resolved = resolved or resolve(recipe)
+    args = {**withhold_secrets(training_args(recipe)), "packing": resolved.packing, "optim": resolved.optim}
+    args.update(bf16=resolved.bf16, fp16=resolved.fp16)
     # Without a GPU, several processes must still form one DDP group (gloo); Trainer only does that with use_cpu.
-    args.setdefault("use_cpu", not torch.cuda.is_available())
+    args["use_cpu"] = resolved.use_cpu
     # Every LoRA weight takes part in every forward, so DDP need not search the graph for unused ones (slow, and it
     # breaks with gradient checkpointing); FSDP/DeepSpeed ignore the flag.
     args.setdefault("ddp_find_unused_parameters", False)
     if not has_eval:
         args["eval_strategy"] = "no"
-    return SFTConfig(output_dir=str(output_dir), max_length=recipe.data.max_length, **args)
+        if args.get("load_best_model_at_end"):
+            raise UserError("training.load_best_model_at_end: the recipe has no held-out data to pick the best by")
+    try:
+        return SFTConfig(output_dir=str(output_dir), max_length=recipe.data.max_length, **args)
+    except (ValueError, TypeError) as exc:
+        message = str(exc).strip().replace("\n", " ")
+        raise UserError(f"{culprit_key(args, message)}: {message}") from None
 
 
-def _progress_callback():
-    from transformers.trainer_callback import ProgressCallback
+class LossLineProgress(ProgressCallback):
+    """The usual progress bar, with one short line per log instead of a raw dict."""
 
-    class LossLineProgress(ProgressCallback):
-        """The usual progress bar, with one short line per log instead of a raw dict."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not (state.is_world_process_zero and self.training_bar is not None and logs):
-                return
-            if "loss" in logs:
-                line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
-                line += f"  lr {logs.get('learning_rate', 0):.2e}  grad-norm {logs.get('grad_norm', 0):.3f}"
-            elif "eval_loss" in logs:
-                line = f"step {state.global_step:>5}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}"
-            else:
-                return
-            self.training_bar.write(line)
-
-    return LossLineProgress
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (state.is_world_process_zero and self.training_bar is not None and logs):
+            return
+        if "loss" in logs:
+            line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
+            line += f"  lr {logs.get('learning_rate', 0):.2e}  grad-norm {logs.get('grad_norm', 0):.3f}"
+        elif "eval_loss" in logs:
+            line = f"step {state.global_step:>5}/{state.max_steps}  eval loss {logs['eval_loss']:.4f}"
+        else:
+            return
+        self.training_bar.write(line)
 
 
-def throughput_since(trainer, loss_tokens: int) -> dict[str, float]:
-    """Trained tokens per second (all ranks) since the previous log, and peak memory of this process so far."""
-    tokens_then, time_then = trainer._last_log
-    now = time.perf_counter()
-    trainer._last_log = (loss_tokens, now)
-    world = max(trainer.args.world_size, 1)  # every rank trains on its own equal share of the global batch
-    rate = (loss_tokens - tokens_then) * world / (now - time_then) if now > time_then else 0.0
-    return {"tokens_per_second": round(rate, 2), "peak_memory_mib": round(peak_memory_bytes() / 2**20, 1)}
+class LogLastStep(TrainerCallback):
+    """Log the final step too, so a run shorter than logging_steps (or not a multiple of it) records its last loss."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
+    """SFTTrainer that counts the tokens that actually enter the loss (labels shifted by one, -100 excluded), logs
+    throughput and memory beside the loss, and writes checkpoints atomically. Counts live on the instance."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_tokens = 0
+        self.last_log = (0, time.perf_counter())
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if not self.model.training:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        self.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
+        counted = self._total_train_tokens
+        result = super().compute_loss(model, inputs, *args, **kwargs)
+        if isinstance(self.data_collator, PackedRowsCollator):
+            # trl counts one row's width when there is no attention mask; count every row's real tokens.
+            real = torch.tensor(real_token_count(inputs, self.data_collator.pad_token_id), device=self.args.device)
+            self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
+        return result
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            logs.update(self.throughput_since_last_log())
+        return super().log(logs, *args, **kwargs)
+
+    def throughput_since_last_log(self) -> dict[str, float]:
+        """Trained tokens per second (all ranks) since the previous log, and peak memory of this process so far."""
+        tokens_then, time_then = self.last_log
+        now = time.perf_counter()
+        self.last_log = (self.loss_tokens, now)
+        world = max(self.args.world_size, 1)  # every rank trains on its own equal share of the global batch
+        rate = (self.loss_tokens - tokens_then) * world / (now - time_then) if now > time_then else 0.0
+        return {"tokens_per_second": round(rate, 2), "peak_memory_mib": round(rundir.peak_memory_bytes() / 2**20, 1)}
 
 
 def keep_adapter_dtype(model, adapter_weights: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
@@ -164,35 +219,18 @@ def keep_packed_rows_apart(trainer, model, config) -> bool:
     return True
 
 
-def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.PreparedData, output_dir: Path):
-    from transformers.trainer_callback import ProgressCallback
-    from trl import SFTTrainer
-
-    class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
-        """Counts the tokens that actually enter the loss (labels shifted by one, -100 excluded), logs throughput and
-        memory beside the loss, and writes checkpoints atomically."""
-
-        loss_tokens = 0
-        _last_log = (0, time.perf_counter())
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            if not self.model.training:
-                return super().compute_loss(model, inputs, *args, **kwargs)
-            TokenCountingTrainer.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
-            counted = self._total_train_tokens
-            result = super().compute_loss(model, inputs, *args, **kwargs)
-            if isinstance(self.data_collator, PackedRowsCollator):
-                # trl counts one row's width when there is no attention mask; count every row's real tokens.
-                real = torch.tensor(real_token_count(inputs, self.data_collator.pad_token_id), device=self.args.device)
-                self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
-            return result
-
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs:
-                logs.update(throughput_since(self, TokenCountingTrainer.loss_tokens))
-            return super().log(logs, *args, **kwargs)
-
-    config = sft_config(recipe, output_dir, prepared.eval is not None)
+def make_trainer(
+    recipe: Recipe,
+    model,
+    tokenizer,
+    prepared: data_stage.PreparedData,
+    output_dir: Path,
+    config=None,
+    resolved: Resolved | None = None,
+):
+    """The trainer for a prepared model and data; ``config`` is the SFTConfig when already built (see train)."""
+    resolved = resolved or resolve(recipe)
+    config = config or sft_config(recipe, output_dir, prepared.eval is not None, resolved)
     adapter_weights = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
     trainer = TokenCountingTrainer(
         model=model,
@@ -201,7 +239,7 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         eval_dataset=prepared.eval if config.eval_strategy != "no" else None,
         processing_class=tokenizer,
     )
-    keep_adapter_dtype(model, adapter_weights, model_stage.compute_dtype(recipe))
+    keep_adapter_dtype(model, adapter_weights, resolved.compute_dtype)
     keep_packed_rows_apart(trainer, model, config)
     if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
         from peft.utils.other import fsdp_auto_wrap_policy
@@ -210,7 +248,8 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
         trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     # In a terminal, the usual bar with one short line per log; a notebook keeps transformers' own HTML table.
     if not config.disable_tqdm and trainer.pop_callback(ProgressCallback) is not None:
-        trainer.add_callback(_progress_callback())
+        trainer.add_callback(LossLineProgress())
+    trainer.add_callback(LogLastStep())
     return trainer
 
 
@@ -218,32 +257,20 @@ def make_trainer(recipe: Recipe, model, tokenizer, prepared: data_stage.Prepared
 # Metrics and plots
 
 
-def peak_memory_bytes() -> int:
-    """CUDA peak allocated on GPU; peak resident set size of this process on CPU."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports kilobytes
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    return {name: version(name) for name in VERSIONED_PACKAGES}
-
-
-def training_metrics(trainer, runtime_s: float, loss_tokens: int) -> dict[str, Any]:
+def training_metrics(trainer, runtime_s: float, mean_loss: float | None) -> dict[str, Any]:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     world = max(trainer.args.world_size, 1)
-    tokens = loss_tokens * world  # every rank sees its own share of the global batch
+    tokens = trainer.loss_tokens * world  # every rank sees its own share of the global batch
     return {
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
+        "train_loss_mean": mean_loss,
         "steps": trainer.state.global_step,
         "train_tokens": tokens,
         "train_runtime_s": runtime_s,
         "tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,
-        "peak_memory_bytes": peak_memory_bytes(),
-        "versions": versions(),
+        "peak_memory_bytes": rundir.peak_memory_bytes(),
+        "versions": rundir.versions(),
     }
 
 
@@ -256,7 +283,8 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     for key, label in (("loss", "train"), ("eval_loss", "eval")):
         points = [(e["step"], e[key]) for e in log_history if key in e]
         if points:
-            ax.plot(*zip(*points, strict=True), marker="." if key == "eval_loss" else None, label=label)
+            marker = "." if key == "eval_loss" or len(points) == 1 else None  # one point needs a marker to show
+            ax.plot(*zip(*points, strict=True), marker=marker, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (trained tokens)")
     ax.set_title("Training loss")
@@ -271,7 +299,12 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
 
 
 def train(
-    recipe: Recipe, run_dir: Path, force: bool = False, progress=None, resume: bool | str | None = None
+    recipe: Recipe,
+    run_dir: Path,
+    force: bool = False,
+    progress=None,
+    resume: bool | str | None = None,
+    inputs: dict[str, str] | None = None,
 ) -> RunResult:
     """Fine-tune the recipe's model and write a complete run directory at ``run_dir``.
 
@@ -281,37 +314,41 @@ def train(
         force: Replace an existing run directory, or discard an unfinished run's checkpoints.
         progress: Called with (event, payload) at each milestone, for terminal output.
         resume: True to continue from the latest complete checkpoint of the unfinished run, or a checkpoint path.
+        inputs: Further paths the command reads (the recipe file), which the run directory must stay apart from.
     """
     from transformers import set_seed
 
     show = progress or (lambda *args, **kwargs: None)
-    plan = launch.plan_from_env()
-    launch.preflight(recipe, plan)  # before any weight is loaded
-    check_run_dir(run_dir, force)
+    resolved = launch.preflight(recipe)  # every machine-dependent setting, decided and checked before any weight loads
+    plan = resolved.launch
+    rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
+    data_cache.check_writable(recipe.data)
     checkpoint = prepare_staging(run_dir, force, resume)
-    staging = staging_dir_for(run_dir)
+    staging = rundir.staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])
 
     tokenizer = tokenizer_rules.load_tokenizer(recipe)
     tokenizer_rules.check_pad_token(tokenizer)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
-    base = model_stage.load_base_model(recipe, tokenizer)
-    model = model_stage.attach_lora(base, recipe)
+    # The trainer's own checks, before the weights load.
+    config = sft_config(recipe, staging, prepared.eval is not None, resolved)
+    base = model_stage.load_base_model(recipe, tokenizer, resolved)
+    model = model_stage.attach_lora(base, recipe, resolved)
     trainable, total = model.get_nb_trainable_parameters()
-    show("model", {"trainable": trainable, "total": total, "dtype": str(model_stage.compute_dtype(recipe))})
+    show("model", {"trainable": trainable, "total": total, "dtype": str(resolved.compute_dtype)})
     if checkpoint is not None:
         show("resume", {"checkpoint": str(checkpoint)})
 
-    trainer = make_trainer(recipe, model, tokenizer, prepared, staging)
+    trainer = make_trainer(recipe, model, tokenizer, prepared, staging, config, resolved)
     if recipe.eval.callback_steps and prepared.eval_rows:
         from qlora_kit.evaluate.callback import generation_eval_callback
 
         trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
     started = time.perf_counter()
-    _run_training(trainer, checkpoint, staging)
+    result = _run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started
-    metrics = training_metrics(trainer, runtime, type(trainer).loss_tokens)
+    metrics = training_metrics(trainer, runtime, result.training_loss if result else None)
     metrics["data"] = prepared.stats.as_dict()
     metrics["launch"] = {
         "mode": plan.mode,
@@ -322,25 +359,32 @@ def train(
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
     if trainer.is_world_process_zero():
         metrics.update(_compare(model, tokenizer, prepared, recipe, plan))
-        _write_outputs(trainer, recipe, staging, metrics)
-        publish(staging, run_dir)
+        _write_outputs(trainer, recipe, resolved, staging, metrics)
+        rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
     show("done", {"run_dir": str(run_dir), **metrics})
     return RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
 
-def _run_training(trainer, checkpoint: Path | None, staging: Path) -> None:
+def _run_training(trainer, checkpoint: Path | None, staging: Path):
     """Train (from the checkpoint when given); on SIGTERM/SIGINT save a checkpoint and raise TrainingStopped."""
-    stopper = checkpoints.stop_on_signal_callback(trainer)
+    stopper = checkpoints.StopOnSignal(trainer)
     trainer.add_callback(stopper)
-    trainer._last_log = (0, time.perf_counter())
+    trainer.last_log = (0, time.perf_counter())
     with checkpoints.signals_stop(stopper):
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if stopper.signum is not None and trainer.state.global_step < trainer.state.max_steps:
         saved = staging / f"checkpoint-{trainer.state.global_step}"
-        raise checkpoints.TrainingStopped(
+        raise TrainingStopped(
             stopper.signum, trainer.state.global_step, saved if checkpoints.is_complete(saved) else None
         )
+    if trainer.state.global_step == 0:
+        # Nothing trained: publishing would present the untouched base as a fine-tuned run.
+        raise UserError(
+            "training ran no step (the data and training.max_steps/num_train_epochs give an empty schedule): "
+            "nothing was published; add data or raise training.max_steps"
+        )
+    return result
 
 
 def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
@@ -356,7 +400,7 @@ def save_adapter(trainer, tokenizer, adapter_dir: Path) -> None:
         (adapter_dir / "training_args.bin").unlink(missing_ok=True)
 
 
-def _compare(model, tokenizer, prepared, recipe: Recipe, plan: launch.Plan) -> dict[str, Any]:
+def _compare(model, tokenizer, prepared, recipe: Recipe, plan: Launch) -> dict[str, Any]:
     if prepared.eval is None and not prepared.eval_rows:
         return {}
     if plan.sharded:
@@ -370,13 +414,11 @@ def _compare(model, tokenizer, prepared, recipe: Recipe, plan: launch.Plan) -> d
     }
 
 
-def _write_outputs(trainer, recipe: Recipe, staging: Path, metrics: dict[str, Any]) -> None:
-    resolved = resolved_dict(recipe)
-    # Record what "auto" became on this machine, so the run can be reproduced elsewhere.
-    resolved["quantization"]["bnb_4bit_compute_dtype"] = str(model_stage.compute_dtype(recipe)).removeprefix("torch.")
-    resolved["model"]["attn_implementation"] = model_stage.attention_kernel(recipe)
-    resolved["training"] = {**machine_training_defaults(torch.cuda.is_available()), **resolved["training"]}
-    resolved["training"]["packing"] = launch.packs(recipe)
-    (staging / "recipe.yaml").write_text(to_yaml(resolved))
+def _write_outputs(trainer, recipe: Recipe, resolved: Resolved, staging: Path, metrics: dict[str, Any]) -> None:
+    written = resolved_dict(recipe)
+    # Record what "auto" became on this machine, as the run used it, so the run can be reproduced elsewhere.
+    for section, fields in resolved.recipe_fields().items():
+        written[section].update(fields)
+    (staging / "recipe.yaml").write_text(to_yaml(written))
     (staging / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_loss(trainer.state.log_history, staging / "loss_curve.png")

@@ -20,6 +20,32 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 
+# Files whose tests train, merge, generate or launch processes: `make test-fast` leaves them out (`-m "not slow"`).
+SLOW_FILES = {
+    "test_adversarial.py",
+    "test_bench.py",
+    "test_data_pipeline.py",
+    "test_evaluate.py",
+    "test_merge.py",
+    "test_notebooks.py",
+    "test_readme.py",
+    "test_resume.py",
+    "test_train.py",
+    "test_demo_loss.py",
+    "test_cli_errors.py",  # each case starts a fresh interpreter
+}
+SLOW_TESTS = {
+    "test_ddp_on_two_cpu_processes_matches_one_process",
+    "test_planner_plans_every_recipe_near_its_stated_memory",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES or item.originalname in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

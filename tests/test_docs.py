@@ -62,3 +62,32 @@ def test_generator_walks_any_schema(capsys):
 
     assert docs.main() == 0
     assert capsys.readouterr().out == docs.recipe_reference()
+
+
+def test_planner_worked_example_matches_the_planner():
+    """Each line of plan.py's worked example (and its total) is what the planner computes for that recipe."""
+    import re
+
+    from qlora_kit import plan
+    from qlora_kit.recipe import validate
+
+    recipe = validate(
+        {
+            "model": {"name_or_path": "arch:llama-3.1-8b"},
+            "data": {"train": [{"path": "x.jsonl"}], "max_length": 2048},
+            "training": {"per_device_train_batch_size": 1},
+        }
+    )
+    result = plan.plan_recipe(recipe, machine=plan.ASSUMED_GPU)
+    stated = dict(re.findall(r"^\s{4}(\w+)\s.*?= (\d+\.\d+) GB", plan.__doc__, re.M | re.S))
+    assert set(stated) == {*result.parts, "total"}
+    for name, gigabytes in stated.items():
+        value = result.total if name == "total" else result.parts[name]
+        assert abs(value / 1e9 - float(gigabytes)) < 0.006, name
+
+
+def test_benchmarking_doc_lists_every_shipped_architecture():
+    from qlora_kit.plan import shipped_architectures
+
+    text = (REPO / "docs" / "benchmarking.md").read_text()
+    assert [name for name in shipped_architectures() if f"`{name}`" not in text] == []

@@ -18,14 +18,15 @@ from qlora_kit import launch
 from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.cli import main
 from qlora_kit.errors import UserError
-from qlora_kit.launch import Hardware, Plan
 from qlora_kit.recipe import load_recipe, validate
+from qlora_kit.resolve import Launch as Plan
+from qlora_kit.resolve import Machine, launch_from_env, resolve
 
 from .conftest import REPO, tiny_recipe
 
-CPU = Hardware(cuda_devices=0, bf16_supported=True, name="cpu")
-T4 = Hardware(cuda_devices=1, bf16_supported=False, name="Tesla T4")
-FOUR_GPUS = Hardware(cuda_devices=4, bf16_supported=True, name="NVIDIA H100")
+CPU = Machine()
+T4 = Machine(cuda_devices=1, name="Tesla T4", capability=(7, 5), memory_bytes=16 * 2**30)
+FOUR_GPUS = Machine(cuda_devices=4, name="NVIDIA H100", capability=(9, 0), memory_bytes=80 * 2**30)
 FSDP = Plan("fsdp", 8, source="ACCELERATE_USE_FSDP=true")
 DDP = Plan("ddp", 2, source="WORLD_SIZE=2")
 
@@ -82,7 +83,7 @@ def test_sharded_profiles_carry_the_settings_qlora_needs():
 
 def test_profiles_map_to_the_distributed_mode():
     modes = {
-        name: launch.plan_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
+        name: launch.launch_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
         for name in PROFILE_TYPES
     }
     assert {name: plan.mode for name, plan in modes.items()} == {
@@ -124,17 +125,17 @@ def test_relaunch_runs_the_same_command_under_accelerate():
 
 def test_a_worker_launched_by_hand_must_run_the_profiles_mode():
     profile = launch.load_profile(launch.resolve_profile("fsdp_qlora"))
-    launch.check_profile_matches(profile, "fsdp_qlora.yaml", launch.plan_from_env({"ACCELERATE_USE_FSDP": "true"}))
+    launch.check_profile_matches(profile, "fsdp_qlora.yaml", launch_from_env({"ACCELERATE_USE_FSDP": "true"}))
     with pytest.raises(UserError, match="fsdp_qlora.yaml is fsdp but this process runs ddp"):
-        launch.check_profile_matches(profile, "fsdp_qlora.yaml", launch.plan_from_env({"WORLD_SIZE": "2"}))
+        launch.check_profile_matches(profile, "fsdp_qlora.yaml", launch_from_env({"WORLD_SIZE": "2"}))
 
 
 def test_mode_is_read_from_the_environment_accelerate_sets():
-    assert launch.plan_from_env({}) == Plan()
-    assert launch.plan_from_env({"WORLD_SIZE": "4"}).mode == "ddp"
-    assert launch.plan_from_env({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}).sharded
-    zero2 = launch.plan_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
-    zero3 = launch.plan_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
+    assert launch_from_env({}) == Plan()
+    assert launch_from_env({"WORLD_SIZE": "4"}).mode == "ddp"
+    assert launch_from_env({"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}).sharded
+    zero2 = launch_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    zero3 = launch_from_env({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"})
     assert zero2.mode == zero3.mode == "deepspeed" and not zero2.sharded and zero3.sharded
 
 
@@ -144,11 +145,11 @@ def test_mode_is_read_from_the_environment_accelerate_sets():
 
 def test_fsdp_needs_quant_storage_equal_to_compute_dtype():
     wrong = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"})
-    message = problems(wrong, FSDP)
+    message = problems(wrong, FSDP, FOUR_GPUS)
     assert "quantization.bnb_4bit_quant_storage" in message and "set it to bfloat16 (it is uint8)" in message
     assert "ACCELERATE_USE_FSDP=true" in message
     right = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
-    launch.preflight(right, FSDP, CPU)
+    launch.preflight(right, FSDP, FOUR_GPUS)
     launch.preflight(wrong, DDP, CPU)  # DDP keeps whole models per process: any storage dtype works
 
 
@@ -158,20 +159,26 @@ def test_shipped_fsdp_and_zero3_profiles_pass_with_a_recipe_set_up_for_them():
         quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "float32"},
         model={"name_or_path": "some/model", "dtype": "float32"},
     )
+    import importlib.util
+
     for name in ("fsdp_qlora", "zero3"):
-        plan = launch.plan_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
-        launch.preflight(right, plan, FOUR_GPUS)
+        plan = launch.launch_from_profile(launch.load_profile(launch.resolve_profile(name)), name)
+        missing = name == "zero3" and importlib.util.find_spec("deepspeed") is None
+        if missing:  # refused up front, naming the package, instead of failing inside every worker
+            assert "uses DeepSpeed, which is not installed" in problems(right, plan, FOUR_GPUS)
+        else:
+            launch.preflight(right, plan, FOUR_GPUS)
         message = problems(wrong, plan, FOUR_GPUS)
-        assert "2 problems" in message and "model.dtype" in message and f"profile {name}" in message
+        assert f"{2 + missing} problems" in message and "model.dtype" in message and f"profile {name}" in message
 
 
 def test_bf16_on_hardware_without_it():
     recipe = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"}, training={"bf16": True})
     message = problems(recipe, hardware=T4)
-    assert "quantization.bnb_4bit_compute_dtype: bfloat16 was asked but Tesla T4 has no bfloat16" in message
+    assert "quantization.bnb_4bit_compute_dtype: bfloat16 was asked but Tesla T4 has no native bfloat16" in message
     assert "training.bf16" in message and "float16" in message
-    launch.preflight(recipe, Plan(), launch.detect_hardware())  # this machine (CPU) runs bfloat16
-    launch.preflight(make_recipe(), Plan(), T4)  # auto picks float16/float32 there, nothing to complain about
+    launch.preflight(recipe, Plan(), CPU)  # torch runs bfloat16 on every CPU
+    launch.preflight(make_recipe(), Plan(), T4)  # auto picks float32 there, nothing to complain about
 
 
 def test_ddp_with_a_device_map_that_spans_devices():
@@ -222,9 +229,9 @@ def test_packing_needs_attention_that_keeps_examples_apart(tiny_model_dir, tmp_p
     launch.preflight(flash, Plan(), CPU)
     launch.preflight(make_recipe(model={"name_or_path": str(tmp_path)}), Plan(), CPU)  # no packing, no check
     # Packing is on by default wherever examples stay apart, and switches itself off where they would not.
-    assert launch.packs(make_recipe(model={"name_or_path": str(tiny_model_dir)}))
-    assert not launch.packs(make_recipe(model={"name_or_path": str(tmp_path)}))
-    assert not launch.packs(make_recipe(model={"name_or_path": str(tiny_model_dir)}, training={"packing": False}))
+    assert resolve(make_recipe(model={"name_or_path": str(tiny_model_dir)}), CPU).packing
+    assert not resolve(make_recipe(model={"name_or_path": str(tmp_path)}), CPU).packing
+    assert not resolve(make_recipe(model={"name_or_path": str(tiny_model_dir)}, training={"packing": False})).packing
 
 
 def test_auto_attention_is_sdpa_without_a_gpu_and_an_explicit_kernel_is_kept(tiny_model_dir):
@@ -237,10 +244,10 @@ def test_auto_attention_is_sdpa_without_a_gpu_and_an_explicit_kernel_is_kept(tin
     auto = make_recipe(model={"name_or_path": str(tiny_model_dir)})
     assert auto.model.attn_implementation == "auto"
     flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    assert model_stage.attention_kernel(auto) == ("flash_attention_2" if flash else "sdpa")
-    assert model_stage.load_base_model(auto).config._attn_implementation == model_stage.attention_kernel(auto)
+    assert resolve(auto).attn_implementation == ("flash_attention_2" if flash else "sdpa")
+    assert model_stage.load_base_model(auto).config._attn_implementation == resolve(auto).attn_implementation
     eager = make_recipe(model={"name_or_path": str(tiny_model_dir), "attn_implementation": "eager"})
-    assert model_stage.attention_kernel(eager) == "eager"
+    assert resolve(eager).attn_implementation == "eager"
     assert model_stage.load_base_model(eager).config._attn_implementation == "eager"
 
 
@@ -262,7 +269,7 @@ def test_all_problems_are_reported_at_once():
         launch={"device_map": "auto"},
         training={"packing": True, "packing_strategy": "wrapped"},
     )
-    message = problems(recipe, FSDP, Hardware(8, False, "Tesla V100"))
+    message = problems(recipe, FSDP, Machine(8, "Tesla V100", (7, 0)))
     assert message.startswith("pre-flight check found 4 problems")
 
 
@@ -286,7 +293,8 @@ def test_checks_run_before_any_weight_is_loaded(tiny_model_dir, arithmetic_rows,
         == 2
     )
     error = capsys.readouterr().err
-    assert "error: pre-flight check found a problem: quantization.bnb_4bit_quant_storage" in error
+    assert "error: pre-flight check found 2 problems: quantization.bnb_4bit_quant_storage" in error
+    assert "shards the model over GPUs (fsdp) and this machine has none" in error
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
 
 
@@ -296,10 +304,11 @@ def test_checks_run_before_any_weight_is_loaded(tiny_model_dir, arithmetic_rows,
 
 def test_device_map_follows_the_distributed_mode():
     recipe = make_recipe()
-    assert launch.device_map_for(recipe, FSDP) is None  # FSDP/ZeRO-3 place the shards themselves
-    assert launch.device_map_for(recipe, Plan("deepspeed", 2, 3)) is None
-    assert launch.device_map_for(recipe, DDP) == {"": "cpu"}  # this machine; {"": local_rank} on GPUs
-    assert launch.device_map_for(make_recipe(launch={"device_map": "balanced"}), Plan()) == "balanced"
+    assert resolve(recipe, CPU, FSDP).device_map is None  # FSDP/ZeRO-3 place the shards themselves
+    assert resolve(recipe, CPU, Plan("deepspeed", 2, 3)).device_map is None
+    assert resolve(recipe, CPU, DDP).device_map == {"": "cpu"}
+    assert resolve(recipe, FOUR_GPUS, DDP).device_map == {"": 0}  # LOCAL_RANK of this process; 0 when unset
+    assert resolve(make_recipe(launch={"device_map": "balanced"}), CPU, Plan()).device_map == "balanced"
 
 
 def test_trainer_settings_for_peft_under_ddp(tmp_path):

@@ -356,7 +356,7 @@ def _user_error(capsys, *argv: str) -> str:
 def test_bad_inputs_exit_2_with_one_line(tmp_path, tiny_architecture_dir, arithmetic_rows, demo_tokenizer, capsys):
     run = make_run(tmp_path / "llama", tiny_architecture_dir("llama"), arithmetic_rows)
     (tmp_path / "empty").mkdir()
-    assert "no adapter in" in _user_error(capsys, "merge", str(tmp_path / "empty"))
+    assert "has no adapter/adapter_config.json" in _user_error(capsys, "merge", str(tmp_path / "empty"))
     out = str(tmp_path / "out")
     phi3 = tiny_architecture_dir("phi3")
     assert "does not match the base" in _user_error(

@@ -11,6 +11,7 @@ from qlora_kit import plan
 from qlora_kit.bench import measured_quantized_bytes
 from qlora_kit.cli import main
 from qlora_kit.errors import UserError
+from qlora_kit.plan import ASSUMED_GPU
 from qlora_kit.recipe import load_recipe
 
 from .conftest import tiny_recipe
@@ -159,16 +160,16 @@ def _recipe_8b(tmp_path, **training):
 
 def test_plan_fits_and_suggests(tmp_path):
     recipe = load_recipe(_recipe_8b(tmp_path))
-    big = plan.plan_recipe(recipe, 80 * 2**30, on_gpu=True)
+    big = plan.plan_recipe(recipe, 80 * 2**30, machine=ASSUMED_GPU)
     assert big.fits and not big.suggestions
     parts = big.parts
     assert parts["quantized_weights"] / 1e9 == pytest.approx(3.60, abs=0.01)
     # Embeddings and lm_head in bf16 (2 x 525M x 2 B), the norms in fp32: 2.10 GB, not peft's 4.20 GB of fp32.
     assert parts["unquantized_weights"] / 1e9 == pytest.approx(2.10, abs=0.01)
-    small = plan.plan_recipe(recipe, 16 * 2**30, on_gpu=True)
+    small = plan.plan_recipe(recipe, 16 * 2**30, machine=ASSUMED_GPU)
     assert small.fits is False
     assert any("per_device_train_batch_size=" in tip for tip in small.suggestions), small.suggestions
-    tiny = plan.plan_recipe(recipe, 6 * 2**30, on_gpu=True)
+    tiny = plan.plan_recipe(recipe, 6 * 2**30, machine=ASSUMED_GPU)
     assert tiny.suggestions and "nothing fits" in tiny.suggestions[-1]
 
 

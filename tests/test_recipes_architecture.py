@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from qlora_kit.errors import UserError
-from qlora_kit.model import attach_lora, attention_kernel
+from qlora_kit.model import attach_lora
+from qlora_kit.plan import shipped_name
 from qlora_kit.recipe import load_recipe
+from qlora_kit.resolve import resolve
 
 from .conftest import DEMO_MODEL, REPO
 
@@ -55,21 +57,15 @@ PUBLISHED_PARAMS_B = {
     "qwen3-8b": 8.19,
 }
 
-ON_BENCH_BRANCH = {"llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "llama-3.1-70b"}
 
-
-def architecture_name(name_or_path: str) -> str:
-    """`meta-llama/Llama-3.1-8B-Instruct` -> `llama-3.1-8b`: the repo name, lower case, without chat/version tags."""
-    name = Path(name_or_path).name.lower()
-    name = re.sub(r"-(instruct|chat|it)(?=-|$)", "", name)
-    return re.sub(r"-v\d+(\.\d+)*$", "", name)
+def architecture_name(name_or_path: str) -> str | None:
+    """The shipped architecture a recipe's model maps to, by the planner's own rule; the demo model is its own."""
+    return "demo-base" if Path(name_or_path).name == "demo-base" else shipped_name(name_or_path)
 
 
 def architecture_config(name: str) -> dict:
     path = DEMO_MODEL / "config.json" if name == "demo-base" else ARCHITECTURE_DIR / f"{name}.json"
     if not path.is_file():
-        if name in ON_BENCH_BRANCH:
-            pytest.skip("architecture file added on the bench branch")
         pytest.fail(f"{path} is missing: add the model's public config.json values there")
     return json.loads(path.read_text())
 
@@ -123,7 +119,7 @@ def test_recipe_resolves_against_its_architecture(path: Path):
     recipe = load_recipe(path)
     name = RECIPE_ARCHITECTURES[str(path.relative_to(RECIPE_DIR))]
     values = architecture_config(name)
-    model = meta_model(values, attention_kernel(recipe))
+    model = meta_model(values, resolve(recipe).attn_implementation)
     assert type(model).__name__ == values["architectures"][0]
 
     # The config's values, not transformers' defaults, shaped the model.
@@ -153,11 +149,12 @@ def test_a_wrong_target_module_fails():
 
 def test_one_wrong_name_in_a_target_list_is_caught():
     # Phi-3's fused names on a Llama: o_proj and down_proj exist, qkv_proj and gate_up_proj do not. peft accepts
-    # the list because some names match; the check above does not.
+    # the list because some names match; attach_lora refuses it and lists the model's own names.
     overrides = ["lora.target_modules=[qkv_proj, o_proj, gate_up_proj, down_proj]"]
     recipe = load_recipe(RECIPE_DIR / "llama/llama-3.2-1b_alpaca-cleaned.yaml", overrides)
-    peft_model = meta_lora(meta_model(architecture_config("llama-3.2-1b"), "sdpa"), recipe)
-    assert unmatched_targets(peft_model, recipe.lora.target_modules) == ["qkv_proj", "gate_up_proj"]
+    with pytest.raises(UserError, match="'qkv_proj', 'gate_up_proj' not found in this model") as info:
+        meta_lora(meta_model(architecture_config("llama-3.2-1b"), "sdpa"), recipe)
+    assert "gate_proj, k_proj" in str(info.value)
 
 
 def test_an_unsupported_attention_kernel_fails():
@@ -171,10 +168,10 @@ def test_planner_plans_every_recipe_near_its_stated_memory(path: Path):
     GPU recipe's header states stays within [0.7, 1.5]x of the planner's prediction for a GPU, so neither drifts
     far from the other. The 70B header is per GPU under FSDP, which shards what the planner counts for one process:
     only its plan is checked."""
-    from qlora_kit.plan import plan_recipe
+    from qlora_kit.plan import ASSUMED_GPU, plan_recipe
 
     recipe = load_recipe(path)
-    predicted = plan_recipe(recipe, on_gpu=True).total / 1e9
+    predicted = plan_recipe(recipe, machine=ASSUMED_GPU).total / 1e9
     stated = re.search(r"Expected peak GPU memory: about (\d+(?:\.\d+)?) GB", path.read_text())
     if path.name == "demo.yaml" or "70b" in path.name:
         assert predicted > 0

@@ -465,9 +465,9 @@ def _build(recipe: Recipe, tokenizer, show_progress: bool | None) -> PreparedDat
 
 def _with_packing(recipe: Recipe, prepared: PreparedData) -> PreparedData:
     """When training packs, record how full the packs are (tokens that count ÷ tokens processed)."""
-    from qlora_kit.launch import packs
+    from qlora_kit.resolve import resolve
 
-    if packs(recipe):
+    if resolve(recipe).packing:
         strategy = recipe.training.get("packing_strategy", "bfd")
         prepared.stats.packing = packing_stats(prepared.train, recipe.data.max_length, strategy)
     return prepared

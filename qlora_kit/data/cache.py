@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -117,8 +116,9 @@ def load(entry: Path) -> dict[str, Any] | None:
 
 def save(entry: Path, train, evaluation, eval_rows: list[Row], stats: dict[str, Any], description: dict) -> None:
     """Write an entry to a temporary folder beside it, then rename it into place (a racing writer's copy wins)."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", suffix=".partial", dir=entry.parent))
+    from qlora_kit.rundir import unique_staging
+
+    staging = unique_staging(entry)
     try:
         train.save_to_disk(str(staging / "train"))
         if evaluation is not None:
@@ -134,3 +134,11 @@ def save(entry: Path, train, evaluation, eval_rows: list[Row], stats: dict[str, 
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(section: DataSection) -> None:
+    """The cache folder can be written (checked before any work, so a long preparation is never lost at the end)."""
+    from qlora_kit.rundir import check_writable as check_folder
+
+    if section.cache:
+        check_folder(cache_root(section) / "entry", flag="data.cache_dir")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate.generation import normalize
+from qlora_kit.rundir import fresh_staging, publish_files
 
 REPORT_FILES = ("eval.json", "eval.md", "eval.png", "samples.jsonl")
 LOWER_IS_BETTER = ("eval_loss", "perplexity")
@@ -64,20 +64,12 @@ def sample_rows(prompts: list[str], references: list[str], outputs: dict[str, li
 
 def write_report(report: dict[str, Any], samples: list[dict[str, Any]], run_dir: Path) -> list[Path]:
     """Write all four files to a staging folder, then move them into ``run_dir``; return their paths."""
-    staging = run_dir / ".eval.partial"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
+    staging = fresh_staging(run_dir / "eval")
     (staging / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     (staging / "eval.md").write_text(markdown(report))
     plot(report, staging / "eval.png")
     (staging / "samples.jsonl").write_text("".join(json.dumps(row) + "\n" for row in samples))
-    paths = []
-    for name in REPORT_FILES:
-        (staging / name).replace(run_dir / name)
-        paths.append(run_dir / name)
-    staging.rmdir()
-    return paths
+    return publish_files(staging, run_dir, REPORT_FILES)
 
 
 def _fmt(value: float | None) -> str:

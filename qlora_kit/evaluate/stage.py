@@ -24,13 +24,10 @@ from qlora_kit.evaluate import harness, report
 from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_loss, perplexity
 from qlora_kit.evaluate.scoring import load_metrics, score
 from qlora_kit.recipe import Recipe, load_recipe
+from qlora_kit.resolve import resolve
+from qlora_kit.rundir import CORE_PACKAGES, require_run, versions
 
-VERSIONED_PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "bitsandbytes",
-    "accelerate",
+VERSIONED_PACKAGES = (  # beside rundir.CORE_PACKAGES
     "evaluate",
     "lm_eval",
     "rouge_score",
@@ -42,7 +39,7 @@ ProgressFactory = Callable[[str, int], Callable[[int], None]]
 
 
 @dataclass
-class HeldOut:
+class EvalWork:
     dataset: Any  # tokenized examples (input_ids, labels) for the loss, or None for generation-only data
     prompts: list[str]
     references: list[str]
@@ -60,22 +57,14 @@ class EvalResult:
 # Inputs
 
 
-def check_run_dir(run_dir: Path) -> Path:
+def adapter_of_run(run_dir: Path) -> Path:
     """The run's adapter folder; a directory that is not a finished training run is the user's mistake."""
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist: give a directory written by qlora-kit train")
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(
-            f"run directory {run_dir} has no adapter ({adapter}/adapter_config.json is missing): "
-            "give a directory written by qlora-kit train"
-        )
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"run directory {run_dir} has no recipe.yaml: give a directory written by qlora-kit train")
+    adapter = require_run(run_dir)
+    model_stage.check_adapter_files(adapter)
     return adapter
 
 
-def held_out(recipe: Recipe, tokenizer) -> HeldOut:
+def eval_work(recipe: Recipe, tokenizer) -> EvalWork:
     """The held-out examples as training defined them (data.eval, or the same data.eval_split of train)."""
     data = recipe.data
     if data.eval is None and data.eval_split is None:
@@ -94,20 +83,21 @@ def held_out(recipe: Recipe, tokenizer) -> HeldOut:
     import datasets
 
     dataset = datasets.Dataset.from_dict(encoded) if encoded["input_ids"] else None
-    return HeldOut(dataset, [p for p, _ in pairs], [r for _, r in pairs], source)
+    return EvalWork(dataset, [p for p, _ in pairs], [r for _, r in pairs], source)
 
 
 def load_merged(recipe: Recipe, merged_dir: Path):
     """A merged model folder, unquantized: float32 on CPU, the compute dtype on a GPU."""
     from transformers import AutoModelForCausalLM
 
-    dtype = torch.float32 if not torch.cuda.is_available() else model_stage.compute_dtype(recipe)
+    resolved = resolve(recipe)
+    dtype = resolved.compute_dtype if resolved.machine.on_gpu else torch.float32
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(merged_dir),
             dtype=dtype,
-            device_map=model_stage.device_map(recipe),
-            attn_implementation=model_stage.attention_kernel(recipe),
+            device_map=resolved.device_map,
+            attn_implementation=resolved.attn_implementation,
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"merged model {merged_dir}: cannot load it: {str(exc).splitlines()[0]}") from None
@@ -122,7 +112,7 @@ def _no_progress(_description: str, _total: int) -> Callable[[int], None]:
 
 
 def measure(
-    model, tokenizer, work: HeldOut, recipe: Recipe, metrics, progress: ProgressFactory, name: str
+    model, tokenizer, work: EvalWork, recipe: Recipe, metrics, progress: ProgressFactory, name: str
 ) -> tuple[dict[str, float], list[str]]:
     """Loss, perplexity and generation metrics of one model on the held-out work; also its answers."""
     values: dict[str, float] = {}
@@ -162,7 +152,7 @@ def run_eval(
     """Evaluate a training run and write eval.json, eval.md, eval.png and samples.jsonl into it."""
     started = time.perf_counter()
     log = log or (lambda _line: None)
-    adapter_dir = check_run_dir(run_dir)
+    adapter_dir = adapter_of_run(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     report.check_outputs(run_dir, force)
     merged_dir = merged_dir or run_dir / "merged"
@@ -172,7 +162,7 @@ def run_eval(
     metrics = load_metrics(recipe.eval.metrics)
     manager = harness.task_manager(recipe.eval.lm_eval) if recipe.eval.lm_eval.tasks else None
     tokenizer = tokenizer_rules.load_tokenizer(recipe, saved=adapter_dir)
-    work = held_out(recipe, tokenizer)
+    work = eval_work(recipe, tokenizer)
     log(
         f"held-out: {len(work.dataset) if work.dataset is not None else 0} examples scored, "
         f"{len(work.prompts)} prompts from {work.source}"
@@ -204,7 +194,7 @@ class _Runner:
 
     recipe: Recipe
     tokenizer: Any
-    work: HeldOut
+    work: EvalWork
     metrics: list
     manager: Any
     progress: ProgressFactory
@@ -233,7 +223,7 @@ class _Runner:
 def build_report(
     run_dir: Path,
     recipe: Recipe,
-    work: HeldOut,
+    work: EvalWork,
     results: dict[str, dict[str, float]],
     merged_dir: Path | None,
     started: float,
@@ -257,7 +247,7 @@ def build_report(
             "max_examples": recipe.eval.max_examples,
             "lm_eval": recipe.eval.lm_eval.model_dump() if recipe.eval.lm_eval.tasks else None,
         },
-        "versions": _versions(),
+        "versions": versions([*CORE_PACKAGES, *VERSIONED_PACKAGES]),
         "runtime_s": round(time.perf_counter() - started, 2),
     }
 
@@ -266,17 +256,5 @@ def _quantization(recipe: Recipe) -> str:
     quant = recipe.quantization
     if quant.load_in_4bit:
         double = ", double quant" if quant.bnb_4bit_use_double_quant else ""
-        return f"4-bit {quant.bnb_4bit_quant_type}{double}, compute {model_stage.compute_dtype(recipe)}"
+        return f"4-bit {quant.bnb_4bit_quant_type}{double}, compute {resolve(recipe).compute_dtype}"
     return "8-bit" if quant.load_in_8bit else "unquantized"
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in VERSIONED_PACKAGES:
-        try:
-            found[name] = version(name.replace("_", "-"))
-        except PackageNotFoundError:
-            continue
-    return found

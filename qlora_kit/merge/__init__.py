@@ -20,17 +20,25 @@ from typing import Any
 
 import torch
 
-from qlora_kit import model as model_stage
 from qlora_kit.errors import UserError
-from qlora_kit.merge.adapter import Adapter, adapter_dir, check_combination, load_adapter
+from qlora_kit.merge.adapter import Adapter, check_combination, load_adapter
 from qlora_kit.merge.base import base_layout, load_config, locate_checkpoint, merge_device
 from qlora_kit.merge.checkpoint import Checkpoint, ShardWriter, parse_size, plan_shards
 from qlora_kit.merge.outputs import model_card, write_config, write_generation_config
-from qlora_kit.merge.verify import held_out as read_held_out
-from qlora_kit.merge.verify import judge, merged_pass, reference_pass
+from qlora_kit.merge.verify import judge, merged_pass, reference_pass, verification_set
 from qlora_kit.merge.weights import MergePlan, WeightMerger, plan_merge, stream_merge
 from qlora_kit.recipe import Recipe, load_recipe
-from qlora_kit.train import peak_memory_bytes, publish, staging_dir_for, versions
+from qlora_kit.resolve import DTYPES, resolve
+from qlora_kit.rundir import (
+    check_apart,
+    check_new_output,
+    check_writable,
+    peak_memory_bytes,
+    publish,
+    require_run,
+    staging_dir_for,
+    versions,
+)
 
 REPORT_NAME = "merge_report.json"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -56,15 +64,16 @@ class VerificationFailed(Exception):
 
 def load_run(run_dir: Path, overrides: list[str]) -> tuple[Recipe, dict[str, Any]]:
     """The run's resolved recipe (with overrides; a bare key means a merge field) and its metrics."""
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist: give a directory written by `qlora-kit train`")
-    adapter_dir(run_dir)
-    if not (run_dir / "recipe.yaml").is_file():
-        raise UserError(f"{run_dir} has no recipe.yaml: merge needs the resolved recipe that `qlora-kit train` writes")
+    require_run(run_dir)
     overrides = [item if "." in item.partition("=")[0] else f"merge.{item}" for item in overrides]
     recipe = load_recipe(run_dir / "recipe.yaml", overrides)
     metrics_file = run_dir / "metrics.json"
-    return recipe, json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    if not metrics_file.is_file():
+        return recipe, {}
+    try:
+        return recipe, json.loads(metrics_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{metrics_file} is damaged ({exc}): run `qlora-kit train` again to rewrite it") from None
 
 
 def load_adapters(run_dir: Path, recipe: Recipe) -> list[Adapter]:
@@ -84,12 +93,23 @@ def load_adapters(run_dir: Path, recipe: Recipe) -> list[Adapter]:
 
 def output_dtype(recipe: Recipe) -> torch.dtype:
     name = recipe.merge.dtype
-    return model_stage.weights_dtype(recipe) if name == "auto" else model_stage.DTYPES[name]
+    return resolve(recipe).weights_dtype if name == "auto" else DTYPES[name]
 
 
-def check_output(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise UserError(f"output directory {output} already exists: pass --force to replace it, or choose --output")
+def merge_inputs(run_dir: Path, recipe: Recipe) -> dict[str, Path]:
+    """What a merge reads, which its output may never replace."""
+    inputs = {f"the run's {name}": run_dir / name for name in ("adapter", "recipe.yaml", "metrics.json")}
+    inputs.update({f"merge.adapters.{i}.path": Path(extra.path) for i, extra in enumerate(recipe.merge.adapters)})
+    base = Path(recipe.model.name_or_path).expanduser()
+    if base.exists():
+        inputs["the base model (model.name_or_path)"] = base
+    return inputs
+
+
+def check_output(output: Path, force: bool, inputs: dict[str, Path]) -> None:
+    check_apart(output, inputs, flag="--output")
+    check_new_output(output, force, flag="--output")
+    check_writable(output, flag="--output")
 
 
 def check_disk_space(output: Path, needed: int) -> None:
@@ -138,10 +158,11 @@ def prepare(run_dir: Path, output: Path, overrides: list[str], force: bool) -> P
             "merge.strategy: the run trained on an 8-bit base, and the dequantized strategy mirrors "
             "4-bit bitsandbytes only: use strategy=original"
         )
-    check_output(output, force)
+    check_output(output, force, merge_inputs(run_dir, recipe))
     adapters = load_adapters(run_dir, recipe)
     tokenizer = AutoTokenizer.from_pretrained(adapters[0].path)
     base_folder = locate_checkpoint(recipe)
+    check_apart(output, {"the base model checkpoint": base_folder}, flag="--output")
     config = load_config(base_folder, recipe)
     checkpoint = Checkpoint(base_folder)
     layout = base_layout(config, recipe)
@@ -277,7 +298,7 @@ def quiet_loading():
 def _merge_into(job: Prepared, run_dir: Path, output: Path, staging: Path, device, logits: Path, show) -> dict:
     heldout = reference = None
     if job.recipe.merge.verify:
-        heldout = read_held_out(job.recipe, job.tokenizer)
+        heldout = verification_set(job.recipe, job.tokenizer)
         show("verify", {"step": "adapter on the 4-bit base", "examples": len(heldout.examples)})
         reference = reference_pass(job.recipe, job.adapters, job.tokenizer, heldout, logits, job.metrics)
     staging.mkdir(parents=True)

@@ -15,7 +15,6 @@ the base tensor outright.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit.errors import UserError
+from qlora_kit.model import check_adapter_files, read_adapter_config
 
 PEFT_PREFIX = "base_model.model."
 UNSUPPORTED_CONFIG = {
@@ -90,11 +90,12 @@ def load_adapter(path: Path, weight: float, label: str) -> Adapter:
     from safetensors.torch import load_file
 
     folder = adapter_dir(path)
-    config = json.loads((folder / "adapter_config.json").read_text())
+    config = read_adapter_config(folder)
     _check_config(config, folder, label)
     weights_file = folder / "adapter_model.safetensors"
     if not weights_file.is_file():
         raise UserError(f"{label}: {folder} has no adapter_model.safetensors (merge reads safetensors adapters only)")
+    check_adapter_files(folder)
     adapter = Adapter(folder, weight, config)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in load_file(weights_file).items():

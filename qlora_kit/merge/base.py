@@ -17,8 +17,9 @@ import torch
 
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
-from qlora_kit.errors import UserError
+from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import DTYPES, resolve
 
 
 def locate_checkpoint(recipe: Recipe) -> Path:
@@ -47,7 +48,7 @@ def load_config(folder: Path, recipe: Recipe):
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=recipe.model.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise UserError(f"base model {folder}: cannot read its config.json: {model_stage._first_line(exc)}") from None
+        raise UserError(f"base model {folder}: cannot read its config.json: {first_line(exc)}") from None
     if getattr(config, "quantization_config", None):
         raise UserError(f"base model {folder} is stored quantized: merge needs a full-precision base checkpoint")
     return config
@@ -72,9 +73,7 @@ def base_layout(config, recipe: Recipe) -> BaseLayout:
         try:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
         except ValueError as exc:
-            raise UserError(
-                f"base model: not a causal LM transformers can build: {model_stage._first_line(exc)}"
-            ) from None
+            raise UserError(f"base model: not a causal LM transformers can build: {first_line(exc)}") from None
     names = {id(module): name for name, module in model.named_modules()}
     shapes = {key: tuple(value.shape) for key, value in model.state_dict(keep_vars=True).items()}
     input_embedding = names[id(model.get_input_embeddings())] + ".weight"
@@ -91,7 +90,7 @@ def base_layout(config, recipe: Recipe) -> BaseLayout:
         quantizer = AutoHfQuantizer.from_config(qconfig, pre_quantized=False)
         quantizer.preprocess_model(
             model=model,
-            dtype=model_stage.weights_dtype(recipe),
+            dtype=resolve(recipe).weights_dtype,
             device_map={"": "cpu"},
             checkpoint_files=None,
             use_kernels=False,
@@ -119,12 +118,12 @@ def roundtrip_4bit(weight: torch.Tensor, recipe: Recipe, device: torch.device) -
     from bitsandbytes import functional
 
     quant = recipe.quantization
-    value = weight.to(device=device, dtype=model_stage.weights_dtype(recipe)).contiguous()
+    value = weight.to(device=device, dtype=resolve(recipe).weights_dtype).contiguous()
     packed, state = functional.quantize_4bit(
         value,
         blocksize=64,  # Params4bit's default, which transformers' loader keeps
         compress_statistics=quant.bnb_4bit_use_double_quant,
         quant_type=quant.bnb_4bit_quant_type,
-        quant_storage=model_stage.DTYPES[quant.bnb_4bit_quant_storage],
+        quant_storage=DTYPES[quant.bnb_4bit_quant_storage],
     )
     return functional.dequantize_4bit(packed, state)

@@ -25,10 +25,11 @@ from qlora_kit.errors import UserError
 from qlora_kit.evaluate import generate, heldout_loss
 from qlora_kit.merge.adapter import Adapter
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import resolve
 
 
 @dataclass
-class HeldOut:
+class VerificationSet:
     """The examples and prompts both models run, and where they came from."""
 
     examples: list[tuple[list[int], list[int]]]
@@ -37,7 +38,7 @@ class HeldOut:
     eval_dataset: Any  # the whole held-out set, as train evaluated it (for the base check)
 
 
-def held_out(recipe: Recipe, tokenizer) -> HeldOut:
+def verification_set(recipe: Recipe, tokenizer) -> VerificationSet:
     """The run's held-out examples (or, without any, its first training examples) tokenized as training did."""
     merge = recipe.merge
     try:
@@ -51,11 +52,11 @@ def held_out(recipe: Recipe, tokenizer) -> HeldOut:
     source = "held-out" if prepared.eval is not None else "training (the recipe has no held-out data)"
     examples = list(zip(dataset["input_ids"], dataset["labels"], strict=True))[: merge.verify_examples]
     prompts = [p for p, _ in data_stage.eval_prompts(prepared.eval_rows, tokenizer, merge.verify_generations)]
-    return HeldOut(examples, prompts, source, prepared.eval)
+    return VerificationSet(examples, prompts, source, prepared.eval)
 
 
 @torch.no_grad()
-def run_examples(model, tokenizer, heldout: HeldOut, max_new_tokens: int, on_logits) -> dict[str, Any]:
+def run_examples(model, tokenizer, heldout: VerificationSet, max_new_tokens: int, on_logits) -> dict[str, Any]:
     """Logits (handed to ``on_logits``), loss on the trained tokens, and greedy generations."""
     model.eval()
     device = next(model.parameters()).device
@@ -79,7 +80,7 @@ def _free(model) -> None:
         torch.cuda.empty_cache()
 
 
-def check_base_unchanged(model, tokenizer, recipe: Recipe, heldout: HeldOut, metrics: dict) -> dict[str, Any]:
+def check_base_unchanged(model, tokenizer, recipe: Recipe, heldout: VerificationSet, metrics: dict) -> dict[str, Any]:
     """The adapter's held-out loss now must be the one recorded at training time, or the base is not the same."""
     recorded = (metrics.get("comparison") or {}).get("eval_loss_tuned")
     if recorded is None or heldout.eval_dataset is None:
@@ -95,7 +96,7 @@ def check_base_unchanged(model, tokenizer, recipe: Recipe, heldout: HeldOut, met
 
 
 def reference_pass(
-    recipe: Recipe, adapters: list[Adapter], tokenizer, heldout: HeldOut, logits_dir: Path, metrics: dict
+    recipe: Recipe, adapters: list[Adapter], tokenizer, heldout: VerificationSet, logits_dir: Path, metrics: dict
 ) -> dict[str, Any]:
     """Run the adapter(s) on the 4-bit base; save its logits; return its loss, generations and the base check."""
     from peft.tuners.lora import LoraLayer
@@ -123,13 +124,13 @@ def reference_pass(
 
 
 def merged_pass(
-    folder: Path, dtype: torch.dtype, tokenizer, recipe: Recipe, heldout: HeldOut, logits_dir: Path
+    folder: Path, dtype: torch.dtype, tokenizer, recipe: Recipe, heldout: VerificationSet, logits_dir: Path
 ) -> dict[str, Any]:
     """Load the merged folder with plain transformers and compare it, example by example, with the saved logits."""
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, device_map=model_stage.device_map(recipe), output_loading_info=True
+        folder, dtype=dtype, device_map=resolve(recipe).device_map, output_loading_info=True
     )
     problems = {key: sorted(value) for key, value in info.items() if value and key != "error_msgs"}
     diffs = {"max": 0.0, "sum": 0.0, "count": 0}
@@ -147,7 +148,7 @@ def merged_pass(
     return {**result, "max_abs_logit_diff": diffs["max"], "mean_abs_logit_diff": mean, "loading_problems": problems}
 
 
-def judge(recipe: Recipe, strategy: str, heldout: HeldOut, reference: dict, merged: dict) -> dict[str, Any]:
+def judge(recipe: Recipe, strategy: str, heldout: VerificationSet, reference: dict, merged: dict) -> dict[str, Any]:
     """The verification numbers, the thresholds, and which were exceeded."""
     merge = recipe.merge
     pairs = list(zip(heldout.prompts, reference["generations"], merged["generations"], strict=True))

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qlora_kit import model as model_stage
 from qlora_kit.errors import UserError
 from qlora_kit.merge.adapter import Adapter, merged_weight
 from qlora_kit.merge.base import BaseLayout, roundtrip_4bit
 from qlora_kit.merge.checkpoint import Checkpoint, ShardWriter, TensorSpec
 from qlora_kit.recipe import Recipe
+from qlora_kit.resolve import resolve
 
 
 @dataclass
@@ -137,7 +137,7 @@ class WeightMerger:
     ) -> None:
         self.checkpoint, self.layout, self.adapters = checkpoint, layout, adapters
         self.recipe, self.strategy, self.device = recipe, strategy, device
-        self.load_dtype = model_stage.weights_dtype(recipe)
+        self.load_dtype = resolve(recipe).weights_dtype
         self.counts = {"dequantized": 0, "lora": 0, "replaced": 0}
 
     def base(self, name: str, source: str) -> torch.Tensor:

@@ -1,0 +1,230 @@
+"""`bench train`: qlora-kit and a plain trl script, each in its own process, on the same data and settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_kit import tokenizer as tokenizer_rules
+from qlora_kit.bench.measure import (
+    SIDES,
+    Meter,
+    machine,
+    matmul_params,
+    measured_quantized_bytes,
+    mfu,
+    peak_memory,
+    summarize,
+)
+from qlora_kit.bench.shapes import materialize_architecture
+from qlora_kit.rundir import versions
+
+
+def _bench_training(recipe, warmup: int, steps: int) -> dict[str, Any]:
+    """Training fields both sides share: measured steps only, no checkpoints, no logs, no evaluation."""
+    return {
+        **recipe.training,
+        "max_steps": warmup + steps,
+        "save_strategy": "no",
+        "report_to": "none",
+        "logging_steps": warmup + steps,
+        "disable_tqdm": True,
+        "eval_strategy": "no",
+    }
+
+
+def run_toolkit(recipe, warmup: int, steps: int, workdir: Path, started: float) -> dict[str, Any]:
+    """qlora-kit's own path: its data pipeline, 4-bit loading and LoRA, and packing unless the recipe turns it off."""
+    from qlora_kit import data as data_stage
+    from qlora_kit import model as model_stage
+    from qlora_kit.train import make_trainer
+
+    recipe.training = {"packing": True, **_bench_training(recipe, warmup, steps)}
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    prepared = dataclasses.replace(data_stage.build_datasets(recipe, tokenizer), eval=None)
+    model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
+    trainer = make_trainer(recipe, model, tokenizer, prepared, workdir)
+    return _train_and_measure(trainer, model, warmup, started, packing_fill(trainer.train_dataset, recipe))
+
+
+def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float) -> dict[str, Any]:
+    """What a user writes by hand: a 4-bit model, a peft LoraConfig, raw rows to SFTTrainer, trl's own defaults."""
+    import datasets
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from qlora_kit import model as model_stage
+    from qlora_kit.recipe import training_args
+    from qlora_kit.resolve import resolve
+
+    resolved = resolve(recipe)
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path)
+    if tokenizer.chat_template is None:
+        tokenizer_rules.set_chat_template(tokenizer, recipe.model.chat_template)
+    model = AutoModelForCausalLM.from_pretrained(
+        recipe.model.name_or_path,
+        quantization_config=model_stage.quantization_config(recipe, resolved),
+        dtype=resolved.compute_dtype,
+        device_map=resolved.device_map,
+    )
+    lora = recipe.lora
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    # The same batch, optimizer, schedule and checkpointing as the toolkit side; trl's defaults for everything else.
+    shared = {**training_args(recipe), **_bench_training(recipe, warmup, steps)}
+    args = {k: v for k, v in shared.items() if k not in ("packing", "padding_free", "gradient_checkpointing_kwargs")}
+    dtype = resolved.compute_dtype
+    config = SFTConfig(
+        output_dir=str(workdir),
+        max_length=recipe.data.max_length,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        **{k: v for k, v in args.items() if k not in ("bf16", "fp16")},
+    )
+    rows = datasets.Dataset.from_list(raw_rows(recipe))
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+    )
+    return _train_and_measure(trainer, trainer.model, warmup, started, None)
+
+
+def raw_rows(recipe) -> list[dict[str, Any]]:
+    """The training rows as the files hold them, with only the columns of their format (trl does the rest)."""
+    from qlora_kit import data as data_stage
+
+    columns = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
+    rows = []
+    for index, source in enumerate(recipe.data.train):
+        for row in data_stage.read_formatted(source, f"data.train.{index}"):
+            rows.append({c: row.data[c] for c in columns[row.fmt]})
+    return rows
+
+
+def packing_fill(dataset, recipe) -> float | None:
+    """Mean packed row length over max_length: how full the packed rows are (None when rows are not packed)."""
+    if dataset is None or "seq_lengths" not in dataset.column_names:
+        return None
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return sum(lengths) / (len(lengths) * recipe.data.max_length)
+
+
+def _train_and_measure(trainer, model, warmup: int, started: float, fill: float | None) -> dict[str, Any]:
+    meter = Meter(started)
+    meter.attach(trainer)
+    trainer.train()
+    result = summarize(meter, warmup)
+    result["packing_fill"] = fill
+    result["memory"] = peak_memory()
+    result["quantized_weight_bytes"] = measured_quantized_bytes(model)
+    params = matmul_params(model)
+    result["matmul_params"] = params
+    result["mfu"] = mfu(result["tokens_per_second"], params)
+    result["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return result
+
+
+def run_side(side: str, recipe_path: str, overrides: list[str], warmup: int, steps: int, json_out: Path) -> None:
+    """One side of ``bench train`` in this process; writes its measurements to ``json_out``."""
+    import peft  # noqa: F401  (imported before the clock starts, like transformers and trl below)
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+    from transformers import set_seed
+
+    from qlora_kit.recipe import load_recipe, training_args
+
+    started = time.perf_counter()
+    recipe = load_recipe(recipe_path, overrides)
+    set_seed(training_args(recipe)["seed"])
+    with tempfile.TemporaryDirectory(prefix=f"qlora-kit-bench-{side}-") as workdir:
+        runner = run_toolkit if side == "toolkit" else run_baseline
+        result = runner(recipe, warmup, steps, Path(workdir), started)
+    result["side"] = side
+    json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def bench_train(
+    recipe_path: str, overrides: list[str], warmup: int, steps: int, baseline: bool, progress=None
+) -> dict[str, Any]:
+    """Run the toolkit side (and the plain trl baseline) in child processes; return the combined report."""
+    from qlora_kit.plan import plan_recipe
+    from qlora_kit.recipe import load_recipe
+
+    show = progress or (lambda message: None)
+    recipe = load_recipe(recipe_path, overrides)
+    built = materialize_architecture(recipe)
+    if built is not None:
+        overrides = [*overrides, f"model.name_or_path={built}"]
+    prediction = plan_recipe(recipe)
+    report: dict[str, Any] = {
+        "recipe": str(recipe_path),
+        "overrides": overrides,
+        "model": recipe.model.name_or_path,
+        "machine": machine(),
+        "versions": versions(),
+        "sides": {},
+    }
+    for side in SIDES if baseline else SIDES[:1]:
+        show(f"{side}: {warmup} warm-up + {steps} measured steps ...")
+        report["sides"][side] = _child(side, recipe_path, overrides, warmup, steps)
+    report["plan"] = prediction.as_dict()
+    if baseline:
+        report["ratios"] = ratios(report["sides"]["toolkit"], report["sides"]["baseline"])
+    return report
+
+
+def _child(side: str, recipe_path: str, overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="qlora-kit-bench-") as tmp:
+        out = Path(tmp) / f"{side}.json"
+        command = [
+            sys.executable,
+            "-m",
+            "qlora_kit",
+            "bench",
+            "train",
+            recipe_path,
+            *overrides,
+            "--side",
+            side,
+            "--json",
+            str(out),
+            "--warmup-steps",
+            str(warmup),
+            "--steps",
+            str(steps),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0 or not out.is_file():
+            tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+            raise RuntimeError(f"bench train --side {side} failed (exit {result.returncode}):\n{tail}")
+        return json.loads(out.read_text())
+
+
+def ratios(toolkit: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
+    """toolkit / baseline for throughput, memory and time to first step (>1 is faster; <1 is less memory)."""
+
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+    memory_key = "cuda_peak_allocated_bytes" if "cuda_peak_allocated_bytes" in toolkit["memory"] else "peak_rss_bytes"
+    return {
+        "tokens_per_second": ratio(toolkit["tokens_per_second"], baseline["tokens_per_second"]),
+        "loss_tokens_per_second": ratio(toolkit["loss_tokens_per_second"], baseline["loss_tokens_per_second"]),
+        "step_time": ratio(toolkit["step_time_mean_s"], baseline["step_time_mean_s"]),
+        "peak_memory": ratio(toolkit["memory"][memory_key], baseline["memory"][memory_key]),
+        "time_to_first_step": ratio(toolkit["time_to_first_step_s"], baseline["time_to_first_step_s"]),
+    }

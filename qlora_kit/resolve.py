@@ -1,0 +1,233 @@
+"""What the recipe means on this machine: every ``auto`` decided once, from the recipe, the machine and the launch.
+
+The recipe says what the user asked; ``Machine`` says what the hardware offers (detected once, or handed in by a test
+as a T4, an A100 or eight H100s); ``Launch`` says how the processes are distributed. ``resolve`` turns the three into
+one frozen ``Resolved``: compute and storage dtypes, attention kernel, device map, packing, optimizer and precision
+flags. Pre-flight, plan, train, eval, merge and bench read these answers instead of probing ``torch.cuda`` each on
+their own, and the run's recipe.yaml records them as they were used.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from qlora_kit.recipe import Recipe, training_args
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+Mode = Literal["single", "ddp", "fsdp", "deepspeed"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What this machine offers: visible CUDA devices, their compute capability and memory, flash-attn."""
+
+    cuda_devices: int = 0
+    name: str = "cpu"
+    capability: tuple[int, int] | None = None  # CUDA compute capability of device 0
+    memory_bytes: int | None = None  # memory of one GPU
+    flash_attn: bool = False
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.cuda_devices > 0
+
+    @property
+    def bf16_native(self) -> bool:
+        """bf16 in hardware: Ampere (8.0) or newer. torch.cuda.is_bf16_supported() also says yes on a T4 or V100,
+        which only emulate it, slowly; those are not native."""
+        return self.on_gpu and self.capability is not None and self.capability >= (8, 0)
+
+    @property
+    def bf16_supported(self) -> bool:
+        """Whether an explicit bf16 request can run at all: on every CPU (torch), on GPUs only natively."""
+        return not self.on_gpu or self.bf16_native
+
+
+@functools.cache
+def this_machine() -> Machine:
+    """The machine this process runs on, probed once."""
+    if not torch.cuda.is_available():
+        return Machine()
+    props = torch.cuda.get_device_properties(0)
+    return Machine(
+        cuda_devices=torch.cuda.device_count(),
+        name=props.name,
+        capability=(props.major, props.minor),
+        memory_bytes=int(props.total_memory),
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The launch
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the run is (or is about to be) distributed over processes."""
+
+    mode: Mode = "single"
+    world_size: int = 1
+    zero_stage: int | None = None
+    source: str = "one process"
+
+    @property
+    def sharded(self) -> bool:
+        """Whether parameters are sharded across processes (FSDP, or DeepSpeed ZeRO-3)."""
+        return self.mode == "fsdp" or (self.mode == "deepspeed" and self.zero_stage == 3)
+
+
+def _flag(env: dict[str, str], name: str) -> bool:
+    return env.get(name, "").lower() in ("1", "true", "yes")
+
+
+def launch_from_env(env: dict[str, str] | None = None) -> Launch:
+    """The mode accelerate/torchrun set up for this process (accelerate exports ACCELERATE_USE_FSDP and friends)."""
+    env = dict(os.environ if env is None else env)
+    world = int(env.get("WORLD_SIZE", "1"))
+    if _flag(env, "ACCELERATE_USE_FSDP"):
+        return Launch("fsdp", world, source="ACCELERATE_USE_FSDP=true")
+    if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
+        stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") else None
+        return Launch("deepspeed", world, stage, source="ACCELERATE_USE_DEEPSPEED=true")
+    if world > 1:
+        return Launch("ddp", world, source=f"WORLD_SIZE={world}")
+    return Launch()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decisions
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Every setting that depends on the machine or the launch, decided once."""
+
+    compute_dtype: torch.dtype
+    weights_dtype: torch.dtype
+    quant_storage: torch.dtype
+    attn_implementation: str
+    device_map: Any
+    packing: bool
+    optim: str
+    bf16: bool
+    fp16: bool
+    use_cpu: bool
+    machine: Machine = field(default_factory=Machine)
+    launch: Launch = field(default_factory=Launch)
+
+    def recipe_fields(self) -> dict[str, dict[str, Any]]:
+        """The recipe keys whose ``auto`` (or machine default) this resolution decided, as recipe.yaml records them."""
+        return {
+            "quantization": {"bnb_4bit_compute_dtype": dtype_name(self.compute_dtype)},
+            "model": {"attn_implementation": self.attn_implementation},
+            "training": {"packing": self.packing, "optim": self.optim, "bf16": self.bf16, "fp16": self.fp16},
+        }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def resolve(recipe: Recipe, machine: Machine | None = None, launch: Launch | None = None) -> Resolved:
+    """Decide every machine-dependent setting of ``recipe`` for ``machine`` and ``launch`` (default: this process)."""
+    machine = machine or this_machine()
+    launch = launch or launch_from_env()
+    compute = compute_dtype(recipe, machine)
+    kernel = attention_kernel(recipe, machine, compute)
+    args = training_args(recipe)
+    return Resolved(
+        compute_dtype=compute,
+        weights_dtype=compute if recipe.model.dtype == "auto" else DTYPES[recipe.model.dtype],
+        quant_storage=DTYPES[recipe.quantization.bnb_4bit_quant_storage],
+        attn_implementation=kernel,
+        device_map=device_map(recipe, machine, launch),
+        packing=packs(recipe, kernel),
+        optim=str(args.get("optim") or ("paged_adamw_8bit" if machine.on_gpu else "adamw_torch")),
+        bf16=bool(args.get("bf16", compute == torch.bfloat16)),
+        fp16=bool(args.get("fp16", compute == torch.float16)),
+        use_cpu=bool(args.get("use_cpu", not machine.on_gpu)),
+        machine=machine,
+        launch=launch,
+    )
+
+
+def compute_dtype(recipe: Recipe, machine: Machine) -> torch.dtype:
+    """The matmul dtype: the recipe's, or bf16 where the GPU has it natively, else float32.
+
+    auto never picks float16: its narrow range overflows in long runs. A T4 or V100 therefore computes in float32
+    unless the recipe asks for float16 (see docs/troubleshooting.md).
+    """
+    name = recipe.quantization.bnb_4bit_compute_dtype
+    if name == "auto":
+        return torch.bfloat16 if machine.bf16_native else torch.float32
+    return DTYPES[name]
+
+
+def attention_kernel(recipe: Recipe, machine: Machine, compute: torch.dtype) -> str:
+    """The recipe's kernel; for auto, flash-attention 2 where it runs (an Ampere or newer GPU, the flash-attn package,
+    16-bit compute: it reads packed sequence boundaries itself), else PyTorch's sdpa."""
+    requested = recipe.model.attn_implementation
+    if requested != "auto":
+        return requested
+    flash_runs = machine.bf16_native and machine.flash_attn and compute in (torch.bfloat16, torch.float16)
+    return "flash_attention_2" if flash_runs else "sdpa"
+
+
+def device_map(recipe: Recipe, machine: Machine, launch: Launch) -> dict[str, Any] | str | None:
+    """Where this process loads the model.
+
+    FSDP and ZeRO-3 shard the model themselves, so from_pretrained gets no device_map (bitsandbytes then quantizes
+    onto this process's current CUDA device). DDP and single-device runs put the whole model on this process's own
+    device; 'auto' and friends spread one model over every visible GPU, for one process only.
+    """
+    if launch.sharded:
+        return None
+    if recipe.launch.device_map != "per_process":
+        return recipe.launch.device_map
+    if machine.on_gpu:
+        return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return {"": "cpu"}
+
+
+def packs(recipe: Recipe, kernel: str) -> bool:
+    """Whether training packs: the recipe's training.packing when set, else on wherever the model's attention keeps
+    packed examples apart (every model whose code uses transformers' masking utils, or a flash-attention kernel)."""
+    if "packing" in recipe.training:
+        return bool(recipe.training["packing"])
+    return bool(training_args(recipe).get("packing")) and keeps_examples_apart(recipe, kernel)
+
+
+def keeps_examples_apart(recipe: Recipe, kernel: str) -> bool:
+    return kernel.startswith("flash_attention") or masks_packed_sequences(recipe)
+
+
+def masks_packed_sequences(recipe: Recipe) -> bool:
+    """Whether the model's code builds its mask with transformers' masking utils, which split packed sequences.
+
+    Only the config is read (no weights): the model class comes from the config, and masking_utils'
+    create_causal_mask derives per-example blocks from position_ids when no attention mask is passed.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except (OSError, ValueError, KeyError):
+        return False
+    module = sys.modules[model_class.__module__]
+    return any(hasattr(module, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask"))
