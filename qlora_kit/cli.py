@@ -177,9 +177,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_kit.data import build_datasets, preview
     from qlora_kit.data.cache import check_writable
-    from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import load_recipe, training_args
     from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_writable(recipe.data)

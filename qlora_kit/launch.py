@@ -286,14 +286,3 @@ def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | Non
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise UserError(f"pre-flight check found {count}: " + "; ".join(problems))
     return resolved
-
-
-def check_pad_token(tokenizer) -> None:
-    """Padding masked out of the loss must not be EOS, or the model never learns to stop (runs after the tokenizer
-    loads, before the model does)."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(
-            f"pre-flight check: the pad token {tokenizer.pad_token!r} is the EOS token, so masking padding would mask "
-            "every EOS: give the tokenizer a distinct pad token (model.tokenizer_name_or_path), or leave it unset "
-            "and qlora-kit picks one"
-        )

@@ -165,6 +165,16 @@ class DataSource(Section):
     sample_by: Literal["line", "paragraph", "document"] = Field(
         "line", description="For .txt files: one text row per line, per blank-line paragraph or per file."
     )
+    reasoning: Literal["train", "mask", "drop"] = Field(
+        "train",
+        description="Assistant reasoning (reasoning_content/thinking): train on it with the answer, show it but train "
+        "on the answer only (mask), or drop it before rendering.",
+    )
+    enable_thinking: bool | None = Field(
+        None,
+        description="Passed to the chat template (Qwen3-style think/no-think modes) when training, in the pre-flight "
+        "check and at evaluation; unset: the template's default.",
+    )
 
     @model_validator(mode="after")
     def _one_share(self) -> DataSource:
@@ -178,7 +188,11 @@ class DataSection(Section):
     eval: DataSource | None = Field(None, description="Held-out evaluation source.")
     eval_split: float | None = Field(None, gt=0, lt=1, description="Fraction of train held out for evaluation.")
     max_length: int = Field(1024, gt=0, description="Longest tokenized example.")
-    truncation: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    truncation: Literal["truncate_prompt", "drop_turns", "truncate", "drop"] = Field(
+        "truncate_prompt",
+        description="Longer examples: cut the prompt from the left so the last answer survives (truncate_prompt), "
+        "drop whole earlier turns keeping the system prompt (drop_turns), cut the end (truncate), or drop them.",
+    )
     seed: int = Field(42, description="Seed for the eval split, mixing and shuffling.")
     dedupe: bool = Field(False, description="Drop repeated examples (and training examples equal to held-out ones).")
     max_bad_rows: int = Field(

@@ -22,6 +22,7 @@ from trl import SFTTrainer
 from qlora_kit import checkpoints, launch, rundir
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data import cache as data_cache
 from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
 from qlora_kit.errors import TrainingStopped, UserError
@@ -331,8 +332,8 @@ def train(
     staging = rundir.staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])
 
-    tokenizer = model_stage.load_tokenizer(recipe)
-    launch.check_pad_token(tokenizer)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    tokenizer_rules.check_pad_token(tokenizer)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
     # The trainer's own checks, before the weights load.

@@ -37,6 +37,7 @@ SLOW_FILES = {
 SLOW_TESTS = {
     "test_ddp_on_two_cpu_processes_matches_one_process",
     "test_planner_plans_every_recipe_near_its_stated_memory",
+    "test_generation_stops_at_end_of_turn_after_a_short_fine_tune",
 }
 
 

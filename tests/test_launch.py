@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from qlora_kit import launch
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.cli import main
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import load_recipe, validate
@@ -197,14 +198,13 @@ def test_several_gpus_visible_but_one_process():
 def test_pad_token_equal_to_eos(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from qlora_kit import model as model_stage
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.pad_token = tokenizer.eos_token
     with pytest.raises(UserError, match="pad token '<\\|endoftext\\|>' is the EOS token.*distinct pad token"):
-        launch.check_pad_token(tokenizer)
+        tokenizer_rules.check_pad_token(tokenizer)
     recipe = make_recipe(model={"name_or_path": str(tiny_model_dir)})
-    launch.check_pad_token(model_stage.load_tokenizer(recipe))  # qlora-kit's loader always picks another pad token
+    # qlora-kit's loader always picks another pad token
+    tokenizer_rules.check_pad_token(tokenizer_rules.load_tokenizer(recipe))
 
 
 def test_packing_needs_attention_that_keeps_examples_apart(tiny_model_dir, tmp_path):

@@ -47,7 +47,8 @@ def make_run(
     **sections,
 ) -> Path:
     """A run directory as `train` writes it, with a real adapter on the real 4-bit base whose weights are random."""
-    from qlora_kit.model import attach_lora, load_base_model, load_tokenizer
+    from qlora_kit.model import attach_lora, load_base_model
+    from qlora_kit.tokenizer import load_tokenizer
 
     tmp.mkdir(parents=True, exist_ok=True)
     train = write_jsonl(tmp / "train.jsonl", rows[:24])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.recipe import load_recipe
 from qlora_kit.train import train
 
@@ -104,7 +105,7 @@ def test_saved_adapter_reproduces_logits(trained):
     from peft import PeftModel
 
     recipe, result = trained
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     reloaded = PeftModel.from_pretrained(model_stage.load_base_model(recipe), str(result.run_dir / "adapter"))
     ids = tokenizer("What is 3 plus 4?", return_tensors="pt")["input_ids"]
     result.model.eval()
@@ -138,7 +139,7 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16(tmp_path, tiny_model_dir, ari
     recipe = load_recipe(
         tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows), ["quantization.bnb_4bit_compute_dtype=bfloat16"]
     )
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16

@@ -18,6 +18,7 @@ import torch
 
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import harness, report
 from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_loss, perplexity
@@ -61,17 +62,6 @@ def adapter_of_run(run_dir: Path) -> Path:
     adapter = require_run(run_dir)
     model_stage.check_adapter_files(adapter)
     return adapter
-
-
-def load_tokenizer(adapter_dir: Path):
-    """The tokenizer saved with the adapter: the pad token and chat template training used, byte for byte."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    model_stage.ensure_pad_token(tokenizer)
-    if not tokenizer.chat_template:
-        model_stage.set_chat_template(tokenizer, None)
-    return tokenizer
 
 
 def eval_work(recipe: Recipe, tokenizer) -> EvalWork:
@@ -171,7 +161,7 @@ def run_eval(
     # Everything that can be wrong with the request is checked before the first model loads.
     metrics = load_metrics(recipe.eval.metrics)
     manager = harness.task_manager(recipe.eval.lm_eval) if recipe.eval.lm_eval.tasks else None
-    tokenizer = load_tokenizer(adapter_dir)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe, saved=adapter_dir)
     work = eval_work(recipe, tokenizer)
     log(
         f"held-out: {len(work.dataset) if work.dataset is not None else 0} examples scored, "
