@@ -29,8 +29,8 @@ from qlora_kit import rundir
 from qlora_kit.export import convert, llamacpp, ollama, paths, report
 from qlora_kit.export import verify as checks
 from qlora_kit.merge import load_run, merge_run
-from qlora_kit.model import end_of_turn_ids
 from qlora_kit.recipe import Recipe
+from qlora_kit.tokenizer import end_of_turn_ids
 
 
 @dataclass

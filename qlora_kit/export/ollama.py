@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qlora_kit.model import end_of_turn_ids
+from qlora_kit.tokenizer import end_of_turn_ids
 
 CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>

@@ -22,6 +22,7 @@ from qlora_kit import model as model_stage
 from qlora_kit.evaluate.generation import GenerationSettings, encode_prompts, generate_ids
 from qlora_kit.export import llamacpp
 from qlora_kit.recipe import Recipe
+from qlora_kit.tokenizer import end_of_turn_ids
 
 
 @dataclass
@@ -98,7 +99,7 @@ def reference(recipe: Recipe, merged_dir: Path, adapter: Path | None, tokenizer,
         model = model_stage.load_adapter_model(recipe, adapter, tokenizer)
         loss_adapter = transformers_loss(model, heldout.examples)
         _free(model)
-    stops = model_stage.end_of_turn_ids(tokenizer)
+    stops = end_of_turn_ids(tokenizer)
     return Reference(prompt_ids, generations, loss_merged, loss_adapter, stops)
 
 
