@@ -19,11 +19,14 @@ DEFAULT_TEMPLATE = "chatml"
 
 def check_model_path(recipe: Recipe) -> None:
     """A name that is clearly a path (./x, /x, ~/x, a/b/c) must exist; anything else may be a hub id."""
-    path = recipe.model.name_or_path
-    if Path(path).expanduser().exists():
-        return
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise UserError(f"model.name_or_path: directory {path} does not exist: give a local model folder or a hub id")
+    for key, path in (
+        ("model.name_or_path", recipe.model.name_or_path),
+        ("model.tokenizer_name_or_path", recipe.model.tokenizer_name_or_path),
+    ):
+        if path is None or Path(path).expanduser().exists():
+            continue
+        if path.startswith((".", "/", "~")) or path.count("/") > 1:
+            raise UserError(f"{key}: directory {path} does not exist: give a local folder or a hub id")
 
 
 def pretrained_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -45,7 +48,9 @@ def load_tokenizer(recipe: Recipe, saved: Path | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {first_line(exc)}") from None
+        key = "adapter" if saved else "model.tokenizer_name_or_path" if recipe.model.tokenizer_name_or_path else ""
+        key = key or "model.name_or_path"
+        raise UserError(f"{key}: cannot load a tokenizer from {source!r}: {first_line(exc)}") from None
     if not tokenizer.is_fast:
         raise UserError(f"model.tokenizer_name_or_path: {source!r} has no fast tokenizer; qlora-kit needs one")
     ensure_pad_token(tokenizer)

@@ -355,3 +355,8 @@ def test_bench_output_folders_are_new_each_time():
         assert dated_folder(Path("runs/bench/demo")) != first
     finally:
         first.rmdir()
+
+
+def test_missing_tokenizer_folder_is_named_by_its_own_key(capsys, recipe, tmp_path):
+    code, err = run(capsys, "train", str(recipe()), "model.tokenizer_name_or_path=./no-such-tokenizer")
+    assert_user_error(code, err, "model.tokenizer_name_or_path", "no-such-tokenizer", "does not exist")
