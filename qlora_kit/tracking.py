@@ -50,11 +50,6 @@ def reports_to_mlflow(recipe: Recipe) -> bool:
     return "mlflow" in names or "all" in names
 
 
-def local_store() -> bool:
-    """Whether runs go to the file store in the run directory (MLFLOW_TRACKING_URI, when set, names another)."""
-    return not os.environ.get("MLFLOW_TRACKING_URI")
-
-
 def store_uri(folder: Path) -> str:
     return (Path(os.path.abspath(folder)) / STORE).as_uri()
 
@@ -89,9 +84,14 @@ def mlflow_run(recipe: Recipe, staging: Path, run_name: str | None, resume: bool
         yield None
         return
     mlflow = _mlflow()
-    local = local_store()
-    mlflow.set_tracking_uri(store_uri(staging) if local else os.environ["MLFLOW_TRACKING_URI"])
+    given = os.environ.get("MLFLOW_TRACKING_URI")
+    local = not given
+    # The callback logs through MLflow's process-wide tracking URI, which MLflow also copies into the environment;
+    # both are put back afterwards, so a later run in this process still finds its own store.
+    mlflow.set_tracking_uri(store_uri(staging) if local else given)
     previous = _recorded_run_id(staging) if resume else None
+    if previous and local:
+        repoint(staging / STORE, store_uri(staging))  # an unfinished run's folder may have been moved meanwhile
     run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=run_name)
     tracked = TrackedRun(run.info.run_id, local)
     (staging / RECORD).write_text(json.dumps({"mlflow": {"run_id": tracked.run_id, "local": local}}, indent=2) + "\n")
@@ -101,6 +101,8 @@ def mlflow_run(recipe: Recipe, staging: Path, run_name: str | None, resume: bool
         # A run stopped by a signal saved a checkpoint and can be resumed into the same MLflow run.
         mlflow.end_run(status="KILLED" if isinstance(exc, TrainingStopped) else "FAILED")
         raise
+    finally:
+        mlflow.set_tracking_uri(given)
 
 
 def finish_training(tracked: TrackedRun | None, staging: Path, run_dir: Path) -> None:
@@ -108,9 +110,8 @@ def finish_training(tracked: TrackedRun | None, staging: Path, run_dir: Path) ->
     if tracked is None:
         return
     mlflow = _mlflow()
-    for name in TRAINING_ARTIFACTS:
-        if (staging / name).is_file():
-            mlflow.log_artifact(str(staging / name))
+    files = [staging / name for name in TRAINING_ARTIFACTS if (staging / name).is_file()]
+    _log_files(mlflow.MlflowClient(), tracked.run_id, files, None)
     mlflow.flush_async_logging()  # the callback logs metrics asynchronously
     mlflow.end_run()
     if tracked.local:
@@ -135,14 +136,18 @@ def log_to_run(run_dir: Path, recipe: Recipe, files: Iterable[Path], artifact_pa
         client = mlflow.MlflowClient(tracking_uri=store_uri(run_dir))
     else:
         client = mlflow.MlflowClient()  # MLFLOW_TRACKING_URI, as when the run trained
+    _log_files(client, record["run_id"], files, artifact_path)
+    return record["run_id"]
+
+
+def _log_files(client, run_id: str, files: Iterable[Path], artifact_path: str | None) -> None:
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
     # The repository from the run's meta.yaml as it is now: the client's own is cached per run id for the whole
-    # process, and would still point at the staging folder (or the folder a copied run came from).
-    repository = get_artifact_repository(client.get_run(record["run_id"]).info.artifact_uri)
+    # process, and would still point at a staging folder since renamed (or the folder a copied run came from).
+    repository = get_artifact_repository(client.get_run(run_id).info.artifact_uri)
     for path in files:
         repository.log_artifact(str(path), artifact_path)
-    return record["run_id"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
