@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from qlora_kit import tracking
 from qlora_kit.errors import UserError
 from qlora_kit.model import model_config_problems
 from qlora_kit.recipe import Recipe, training_args
@@ -32,7 +33,13 @@ from qlora_kit.resolve import (
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 LAUNCHED_ENV = "QLORA_KIT_LAUNCHED"  # set by `qlora-kit train --accelerate-profile` in the processes it starts
-REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
+REPORTERS = {
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "tensorboard": "tensorboard",
+    "comet_ml": "comet_ml",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,13 +265,18 @@ def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
 
 
 def check_reporters(recipe: Recipe) -> list[str]:
-    report_to = training_args(recipe).get("report_to") or []
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = tracking.reporters(recipe)
     missing = [name for name in names if name in REPORTERS and importlib.util.find_spec(REPORTERS[name]) is None]
-    return [
-        f"training.report_to: {name} is not installed: pip install {name}, or remove it (tensorboard works offline)"
-        for name in missing
-    ]
+    return [tracking.TRACKIO_BLOCKED if name == "trackio" else _not_installed(name) for name in missing]
+
+
+def _not_installed(name: str) -> str:
+    fix = (
+        "pip install 'qlora-kit[tracking]' (MLflow's local store, no server)"
+        if name == "mlflow"
+        else f"pip install {name}"
+    )
+    return f"training.report_to: {name} is not installed: {fix}, or remove it (tensorboard works offline)"
 
 
 def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | None = None) -> Resolved:

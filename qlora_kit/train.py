@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
-from qlora_kit import checkpoints, launch, rundir
+from qlora_kit import checkpoints, launch, rundir, tracking
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
@@ -325,7 +325,6 @@ def train(
 
     show = progress or (lambda *args, **kwargs: None)
     resolved = launch.preflight(recipe)  # every machine-dependent setting, decided and checked before any weight loads
-    plan = resolved.launch
     rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
     data_cache.check_writable(recipe.data)
     checkpoint = prepare_staging(run_dir, force, resume)
@@ -350,25 +349,37 @@ def train(
         from qlora_kit.evaluate.callback import generation_eval_callback
 
         trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
+    main = trainer.is_world_process_zero()
+    with tracking.mlflow_run(recipe, staging, config.run_name, checkpoint is not None, main) as tracked:
+        metrics = _train_and_publish(
+            trainer, model, tokenizer, recipe, resolved, prepared, checkpoint, run_dir, tracked
+        )
+    show("done", {"run_dir": str(run_dir), **metrics})
+    return RunResult(run_dir=run_dir, metrics=metrics, model=model)
+
+
+def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, checkpoint, run_dir, tracked) -> dict:
+    """Train, save the adapter (every rank), and on the main process write the outputs, log them and publish."""
+    staging = rundir.staging_dir_for(run_dir)
     started = time.perf_counter()
     result = _run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started
     metrics = training_metrics(trainer, runtime, result.training_loss if result else None)
     metrics["data"] = prepared.stats.as_dict()
     metrics["launch"] = {
-        "mode": plan.mode,
+        "mode": resolved.launch.mode,
         "processes": trainer.args.world_size,
         "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None,
     }
 
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
     if trainer.is_world_process_zero():
-        metrics.update(_compare(model, tokenizer, prepared, recipe, plan))
+        metrics.update(_compare(model, tokenizer, prepared, recipe, resolved.launch))
         _write_outputs(trainer, recipe, resolved, staging, metrics)
+        tracking.finish_training(tracked, staging, run_dir)
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
-    show("done", {"run_dir": str(run_dir), **metrics})
-    return RunResult(run_dir=run_dir, metrics=metrics, model=model)
+    return metrics
 
 
 def _run_training(trainer, checkpoint: Path | None, staging: Path):

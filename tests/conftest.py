@@ -32,6 +32,7 @@ SLOW_FILES = {
     "test_resume.py",
     "test_train.py",
     "test_demo_loss.py",
+    "test_tracking.py",
     "test_cli_errors.py",  # each case starts a fresh interpreter
 }
 SLOW_TESTS = {

@@ -19,6 +19,7 @@ import torch
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
+from qlora_kit import tracking
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import harness, report
 from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_loss, perplexity
@@ -185,6 +186,7 @@ def run_eval(
         full["examples"]["lm_eval"] = runner.task_counts
     samples = report.sample_rows(work.prompts, work.references, runner.outputs) if work.prompts else []
     paths = report.write_report(full, samples, run_dir)
+    tracking.log_to_run(run_dir, recipe, paths, "eval")  # into the run's MLflow run, when it reports to mlflow
     return EvalResult(full, samples, paths)
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from qlora_kit import rundir
+from qlora_kit import rundir, tracking
 from qlora_kit.export import convert, llamacpp, ollama, paths, report
 from qlora_kit.export import verify as checks
 from qlora_kit.merge import load_run, merge_run
@@ -104,6 +104,8 @@ def export_run(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    reports = [job.output / name for name in (report.REPORT_NAME, "export.md")]
+    tracking.log_to_run(job.run_dir, job.recipe, reports, "export")  # the run's MLflow run, when it reports to one
     show("done", result)
     return ExportResult(job.output, result)
 
