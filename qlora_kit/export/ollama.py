@@ -51,11 +51,50 @@ PHI_3 = """{{- range .Messages }}<|{{ .Role }}|>
 {{ .Content }}<|end|>
 {{ end }}<|assistant|>
 """
-TEMPLATES = {"chatml": CHATML, "qwen": QWEN, "llama-3": LLAMA_3, "mistral": MISTRAL, "gemma": GEMMA, "phi-3": PHI_3}
+QWEN_2_5 = (
+    """{{- if not .System }}<|im_start|>system
+You are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>
+{{ end }}"""
+    + CHATML
+)
+# Llama 3.1's system turn carries the knowledge and today dates; Ollama's turns are otherwise Llama 3's.
+LLAMA_3_1 = (
+    """<|start_header_id|>system<|end_header_id|>
+
+Cutting Knowledge Date: December 2023
+Today Date: 26 Jul 2024
+
+{{ if .System }}{{ .System }}{{ end }}<|eot_id|>"""
+    + '{{- range .Messages }}{{ if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+    + "{{ .Content }}<|eot_id|>{{ end }}{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+# DeepSeek-R1: the system prompt first, bare turns, and a generation prompt that opens the reasoning block.
+DEEPSEEK_R1 = (
+    "{{- if .System }}{{ .System }}{{ end }}{{- range .Messages }}"
+    + '{{- if eq .Role "user" }}<｜User｜>{{ .Content }}'
+    + '{{- else if eq .Role "assistant" }}<｜Assistant｜>{{ .Content }}<｜end▁of▁sentence｜>{{- end }}'
+    + "{{- end }}<｜Assistant｜><think>\n"
+)
+TEMPLATES = {
+    "chatml": CHATML,
+    "qwen": QWEN,
+    "qwen2.5": QWEN_2_5,
+    "qwen3": CHATML,  # hybrid thinking: the model writes its own <think> block after the generation prompt
+    "llama-3": LLAMA_3,
+    "llama-3.1": LLAMA_3_1,
+    "mistral": MISTRAL,
+    "gemma": GEMMA,
+    "phi-3": PHI_3,
+    "deepseek-r1": DEEPSEEK_R1,
+}
 # How each family's Jinja template shows itself, most specific first (qwen is ChatML with a default system prompt).
 MARKERS = (
+    ("deepseek-r1", ("<｜User｜>", "<｜Assistant｜>")),
+    ("qwen3", ("<|im_start|>", "<think>", "<tool_response>")),
+    ("qwen2.5", ("<|im_start|>", "You are Qwen, created by Alibaba Cloud.")),
     ("qwen", ("<|im_start|>", "You are a helpful assistant.")),
     ("chatml", ("<|im_start|>",)),
+    ("llama-3.1", ("<|start_header_id|>", "Cutting Knowledge Date")),
     ("llama-3", ("<|start_header_id|>",)),
     ("gemma", ("<start_of_turn>",)),
     ("phi-3", ("<|end|>", "<|assistant|>")),
