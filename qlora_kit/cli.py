@@ -151,6 +151,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.rule(f"qlora-kit train · {args.recipe}")
         model, run = recipe.model.name_or_path, recipe.output_dir
         console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
+    if recipe.method != "sft":
+        from qlora_kit.preference import train
     result = train(
         recipe,
         Path(recipe.output_dir),

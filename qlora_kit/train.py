@@ -345,7 +345,7 @@ def train(
 
         trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
     started = time.perf_counter()
-    result = _run_training(trainer, checkpoint, staging)
+    result = run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started
     metrics = training_metrics(trainer, runtime, result.training_loss if result else None)
     metrics["data"] = prepared.stats.as_dict()
@@ -365,7 +365,7 @@ def train(
     return RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
 
-def _run_training(trainer, checkpoint: Path | None, staging: Path):
+def run_training(trainer, checkpoint: Path | None, staging: Path):
     """Train (from the checkpoint when given); on SIGTERM/SIGINT save a checkpoint and raise TrainingStopped."""
     stopper = checkpoints.StopOnSignal(trainer)
     trainer.add_callback(stopper)
