@@ -291,4 +291,3 @@ def peak_parameter_bytes(model) -> int:
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
-

@@ -62,7 +62,7 @@ def preference_recipe(tmp_path, model_dir, method: str, rows: list[dict], held: 
             "gradient_checkpointing": False,
             **training,
         },
-        "eval": {"batch_size": 16},
+        "eval": {"batch_size": 16, "num_samples": 2, "max_new_tokens": 4, "metrics": ["exact_match"]},
         "output_dir": str(tmp_path / f"run-{method}"),
     }
 
@@ -208,6 +208,14 @@ def test_every_method_trains_and_lowers_its_loss(tmp_path, tiny_model_dir, metho
     if method != "kto":
         tuned = result.metrics["preference_comparison"]["tuned"]
         assert tuned["pairs"] == 16 and 0 <= tuned["reward_accuracy"] <= 1
+    if method == "dpo":  # qlora-kit eval measures the same held-out rewards as the end of training did
+        from qlora_kit.evaluate.stage import run_eval
+
+        report = run_eval(tmp_path / "run").report
+        for key in ("reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
+            assert report["metrics"]["tuned"][key] == pytest.approx(tuned[key], rel=1e-4, abs=1e-5), key
+        assert "reward_accuracy" not in report["metrics"]["base"]  # the base is the reference: no reward of its own
+        assert (tmp_path / "run" / "eval.md").read_text().count("reward_accuracy") == 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

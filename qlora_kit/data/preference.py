@@ -167,6 +167,13 @@ def render(tokenizer, prompt: Any, answer: Any) -> tuple[str, str]:
     return head, full[len(head) :]
 
 
+def answer_text(answer: Any) -> str:
+    """An answer as plain text: the string, or the last assistant message's content."""
+    if isinstance(answer, str):
+        return answer
+    return [m for m in answer if m["role"] == "assistant"][-1]["content"]
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
