@@ -174,7 +174,11 @@ class DataSource(Section):
     path: str = Field(
         description="Local file (.jsonl, .json, .csv, .parquet, .txt), directory or glob of them, or hub dataset id."
     )
-    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns and says which.")
+    format: DataFormat = Field(
+        "auto",
+        description="Row format; auto detects it from the columns and says which. Preference methods read "
+        "preference (prompt/chosen/rejected) or, for kto, unpaired (prompt/completion/label).",
+    )
     split: str = Field("train", description="Split to read from a hub dataset.")
     name: str | None = Field(None, description="Hub dataset config name.")
     revision: str | None = Field(None, description="Hub dataset revision (a commit makes the cache key exact).")

@@ -252,3 +252,40 @@ def test_reference_is_the_adapter_disabled_base_with_no_second_model(tmp_path, t
     again = trainer.compute_ref_log_probs(trainer.model, batch)
     for a, b in zip(expected, again, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen(tmp_path, tiny_model_dir):
+    import torch
+
+    from qlora_kit import preference
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.model import attach_lora, load_base_model, load_tokenizer
+    from qlora_kit.resolve import resolve
+
+    rows = sum_pairs(8)
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows)
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    tokenizer, resolved = load_tokenizer(recipe), resolve(recipe)
+    start = attach_lora(load_base_model(recipe, tokenizer, resolved), recipe, resolved)
+    torch.manual_seed(0)
+    for param in (p for n, p in start.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(param, std=0.5)  # an adapter that really changes the model, as an SFT run's does
+    start.save_pretrained(tmp_path / "sft-adapter")
+
+    raw["model"]["adapter"] = str(tmp_path / "sft-adapter")
+    recipe = load_recipe(write_recipe(tmp_path, raw, "from-adapter.yaml"))
+    data = pref_data.build(recipe, tokenizer)
+    model = preference.policy_model(recipe, tokenizer, resolved)
+    config = preference.preference_config(recipe, tmp_path / "out", True, resolved)
+    trainer = preference.make_trainer(recipe, model, tokenizer, data, config, resolved)
+    assert trainer.ref_model is None and sorted(model.peft_config) == ["default", "ref"]
+    batch = trainer.data_collator([data.train[i] for i in range(4)])
+    with torch.no_grad():
+        start_logps = trainer.compute_ref_log_probs(trainer.model, batch)  # the reference, before any step
+        with model.disable_adapter():
+            base_logps = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert not torch.allclose(start_logps[0], base_logps[0])  # the reference is not the bare base
+    for param in (p for n, p in model.named_parameters() if ".default." in n and p.requires_grad):
+        torch.nn.init.normal_(param, std=0.5)  # training moves the trained adapter only
+    for a, b in zip(start_logps, trainer.compute_ref_log_probs(trainer.model, batch), strict=True):
+        torch.testing.assert_close(a, b)
