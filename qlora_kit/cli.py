@@ -176,6 +176,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     console = _console()
     plain = args.plain or not console.is_terminal
     tokenizer = load_tokenizer(recipe)
+    if recipe.method != "sft":
+        from qlora_kit.data import preference
+
+        preference.show(console, tokenizer, preference.build(recipe, tokenizer), args.examples, plain)
+        return 0
     prepared = build_datasets(recipe, tokenizer, show_progress=console.is_terminal)
     preview.show_examples(console, tokenizer, prepared, args.examples, plain)
     training = training_args(recipe)

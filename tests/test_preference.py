@@ -289,3 +289,16 @@ def test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen(tmp_p
         torch.nn.init.normal_(param, std=0.5)  # training moves the trained adapter only
     for a, b in zip(start_logps, trainer.compute_ref_log_probs(trainer.model, batch), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_data_command_shows_prompt_chosen_and_rejected(tmp_path, tiny_model_dir, capsys):
+    from qlora_kit.cli import main
+
+    rows = sum_pairs(4)
+    path = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows[:2]))
+    assert main(["data", path, "--plain", "--examples", "1"]) == 0
+    shown = capsys.readouterr().out
+    answer, wrong = rows[0]["chosen"][0]["content"], rows[0]["rejected"][0]["content"]
+    assert f"chosen: <|im_start|>user\n{rows[0]['prompt'][0]['content']}" in shown
+    assert f"[[{answer}<|im_end|>" in shown and f"[[{wrong}<|im_end|>" in shown
+    assert "rows: 4" in shown and "eval_rows: 2" in shown

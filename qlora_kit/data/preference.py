@@ -337,3 +337,32 @@ def build(recipe: Recipe, tokenizer) -> PreferenceData:
     return PreferenceData(
         Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, rows, held, stats
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What `qlora-kit data` shows
+
+
+def show(console, tokenizer, data: PreferenceData, count: int, plain: bool) -> None:
+    """Examples as prompt + each answer, the trained answer tokens set apart as in the SFT preview; then statistics."""
+    from qlora_kit.data.preview import example_text
+    from qlora_kit.data.tokens import IGNORE_INDEX
+
+    sides = [name for name in data.train.column_names if name.endswith("_ids") and name != "prompt_ids"]
+    marked = "in [[...]]" if plain else "in green"
+    console.print(f"[bold]preference examples[/bold] (answers' trained tokens {marked})")
+    for index in range(min(count, len(data.train))):
+        row = data.train[index]
+        label = f" (label {row['label']})" if "label" in row else ""
+        console.print(f"-- example {index}{label}: prompt {len(row['prompt_ids'])} tokens")
+        for side in sides:
+            ids = row["prompt_ids"] + row[side]
+            labels = [IGNORE_INDEX] * len(row["prompt_ids"]) + row[side]
+            console.print(f"{side.removesuffix('_ids')}:", example_text(tokenizer, ids, labels, plain))
+    stats = data.stats.as_dict()
+    for key in ("rows", "eval_rows", "truncated", "dropped", "duplicates", "prompt_tokens", "answer_tokens"):
+        console.print(f"{key}: {stats[key]}")
+    for path, fmt in stats["formats"].items():
+        console.print(f"format: {path}: {fmt}")
+    for reason, number in stats["bad_rows"].items():
+        console.print(f"bad rows skipped ({reason}): {number}")
