@@ -35,6 +35,7 @@ RECIPE_ARCHITECTURES = {
     "gemma/gemma-2-9b_capybara.yaml": "gemma-2-9b",
     "llama/llama-3.1-70b_tulu3.yaml": "llama-3.1-70b",
     "llama/llama-3.1-8b_ultrachat.yaml": "llama-3.1-8b",
+    "llama/llama-3.1-8b_dpo_ultrafeedback.yaml": "llama-3.1-8b",
     "llama/llama-3.2-1b_alpaca-cleaned.yaml": "llama-3.2-1b",
     "llama/llama-3.2-3b_smoltalk.yaml": "llama-3.2-3b",
     "mistral/mistral-7b_guanaco.yaml": "mistral-7b",
