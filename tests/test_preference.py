@@ -208,12 +208,16 @@ def test_every_method_trains_and_lowers_its_loss(tmp_path, tiny_model_dir, metho
     if method != "kto":
         tuned = result.metrics["preference_comparison"]["tuned"]
         assert tuned["pairs"] == 16 and 0 <= tuned["reward_accuracy"] <= 1
-    if method == "dpo":  # qlora-kit eval measures the same held-out rewards as the end of training did
+    if method == "dpo":  # merged and verified; qlora-kit eval measures the rewards the end of training did
         from qlora_kit.evaluate.stage import run_eval
+        from qlora_kit.merge import merge_run
 
+        merged = merge_run(tmp_path / "run")
+        assert merged.report["verification"]["passed"], merged.report["verification"]
         report = run_eval(tmp_path / "run").report
         for key in ("reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
             assert report["metrics"]["tuned"][key] == pytest.approx(tuned[key], rel=1e-4, abs=1e-5), key
+            assert report["metrics"]["merged"][key] == pytest.approx(tuned[key], rel=1e-2, abs=1e-2), key
         assert "reward_accuracy" not in report["metrics"]["base"]  # the base is the reference: no reward of its own
         assert (tmp_path / "run" / "eval.md").read_text().count("reward_accuracy") == 1
 
