@@ -39,8 +39,10 @@ RECIPE_ARCHITECTURES = {
     "llama/llama-3.2-1b_alpaca-cleaned.yaml": "llama-3.2-1b",
     "llama/llama-3.2-3b_smoltalk.yaml": "llama-3.2-3b",
     "mistral/mistral-7b_guanaco.yaml": "mistral-7b",
+    "mistral/mistral-7b_orpo_mix.yaml": "mistral-7b",
     "phi/phi-3.5-mini_no-robots.yaml": "phi-3.5-mini",
     "qwen/qwen2.5-7b_openhermes.yaml": "qwen2.5-7b",
+    "qwen/qwen2.5-7b_kto_mix.yaml": "qwen2.5-7b",
 }
 
 # Parameter counts published on the model cards, in billions: a config value that transformers ignores or that was
