@@ -215,7 +215,7 @@ def train(
     tokenizer = model_stage.load_tokenizer(recipe)
     launch.check_pad_token(tokenizer)
     data = pref_data.build(recipe, tokenizer)
-    show("data", data.stats.as_dict())
+    show("preference_data", data.stats.as_dict())
     config = preference_config(recipe, staging, data.eval is not None, resolved)
     if recipe.model.adapter:
         adapter_folder(recipe.model.adapter)  # a missing adapter is reported before the base loads
@@ -237,7 +237,7 @@ def train(
         write_outputs(trainer, recipe, resolved, staging, metrics)
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
-    show("done", {"run_dir": str(run_dir), **metrics})
+    show("preference_done", {"run_dir": str(run_dir), **metrics})
     return train_stage.RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
 
