@@ -117,22 +117,27 @@ def preference_work(recipe: Recipe, tokenizer) -> EvalWork:
     return EvalWork(None, prompts, references, source, datasets.Dataset.from_list(encoded))
 
 
+@contextmanager
+def starting_adapter(tuned, recipe: Recipe) -> Iterator[None]:
+    """The adapter a preference run started from (``model.adapter``), active on the same base for the duration."""
+    folder = Path(recipe.model.adapter)
+    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    model_stage.check_adapter_files(folder)
+    tuned.load_adapter(str(folder), adapter_name="reference")
+    tuned.set_adapter("reference")
+    try:
+        yield
+    finally:
+        tuned.set_adapter("default")
+        tuned.delete_adapter("reference")
+
+
 def reference_logps(tuned, recipe: Recipe, work: EvalWork, tokenizer) -> tuple[list[float], list[float]] | None:
     """Log-probabilities of the run's reference on the held-out pairs: the starting adapter, else the base."""
     if work.pairs is None:
         return None
     args = (tokenizer.pad_token_id, recipe.eval.batch_size)
-    if recipe.model.adapter:
-        folder = Path(recipe.model.adapter)
-        folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
-        tuned.load_adapter(str(folder), adapter_name="reference")
-        tuned.set_adapter("reference")
-        try:
-            return pref_eval.pair_logps(tuned, work.pairs, *args)
-        finally:
-            tuned.set_adapter("default")
-            tuned.delete_adapter("reference")
-    with tuned.disable_adapter():
+    with starting_adapter(tuned, recipe) if recipe.model.adapter else tuned.disable_adapter():
         return pref_eval.pair_logps(tuned, work.pairs, *args)
 
 
@@ -230,6 +235,9 @@ def run_eval(
     for name in ("base", "tuned"):
         with _as(tuned, name):
             runner.run(name, tuned)
+    if recipe.model.adapter and work.pairs is not None:
+        with starting_adapter(tuned, recipe):  # the model the preference run started from, e.g. the SFT run
+            runner.run("reference", tuned)
     del tuned
     if (merged_dir / "config.json").is_file():
         log(f"merged model: {merged_dir}")
@@ -263,7 +271,7 @@ class _Runner:
 
     def run(self, name: str, model) -> None:
         # The base is the reference itself unless the run started from an adapter: no rewards against itself.
-        own = name == "base" and not self.recipe.model.adapter
+        own = name == "reference" or (name == "base" and not self.recipe.model.adapter)
         values, self.outputs[name] = measure(
             model, self.tokenizer, self.work, self.recipe, self.metrics, self.progress, name,
             None if own else self.reference,
@@ -295,6 +303,7 @@ def build_report(
         "models": {
             "base": f"{recipe.model.name_or_path} ({_quantization(recipe)})",
             "tuned": f"base + adapter {run_dir / 'adapter'}",
+            **({"reference": f"base + starting adapter {recipe.model.adapter}"} if "reference" in results else {}),
             **({"merged": str(merged_dir)} if merged_dir else {}),
         },
         "metrics": results,
