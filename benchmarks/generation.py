@@ -26,6 +26,7 @@ import torch
 
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.evaluate.generation import GenerationSettings, encode_prompts, generate_ids
 from qlora_kit.recipe import validate
 
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 
 def load(args: argparse.Namespace):
     recipe = validate({"model": {"name_or_path": args.model}, "data": {"train": [{"path": args.data}]}})
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     model = model_stage.load_base_model(recipe, tokenizer)
     rows = data_stage.read_formatted(recipe.data.train[0], "data")
     prompts = [prompt for prompt, _ in data_stage.eval_prompts(rows, tokenizer, args.prompts)]

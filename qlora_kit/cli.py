@@ -77,9 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. eval.batch_size=4")
     evaluate.add_argument("--merged", help="merged model folder (default: RUN_DIR/merged when it exists)")
     evaluate.add_argument("--force", action="store_true", help="replace an existing evaluation in the run directory")
+    _add_export_parser(commands)
     _add_plan_parser(commands)
     _add_bench_parser(commands)
     return parser
+
+
+def _add_export_parser(commands) -> None:
+    export = commands.add_parser("export", help="write GGUF files for llama.cpp and Ollama, verified by llama.cpp")
+    export.add_argument("run_dir", help="run directory written by qlora-kit train (merged first if not yet)")
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="export overrides, e.g. verify_examples=8")
+    export.add_argument("--format", default="gguf", choices=["gguf"], help="export format (default gguf)")
+    export.add_argument("--types", help="comma-separated GGUF types, e.g. f16,q8_0,q4_k_m (default: export.types)")
+    export.add_argument("--adapter-only", action="store_true", help="the adapter as a GGUF LoRA, plus its base")
+    export.add_argument("--output", help="export folder (default RUN_DIR/gguf, or RUN_DIR/gguf-lora)")
+    export.add_argument("--force", action="store_true", help="replace an existing export folder")
 
 
 def _add_plan_parser(commands) -> None:
@@ -167,9 +179,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from qlora_kit.data import build_datasets, preview
     from qlora_kit.data.cache import check_writable
-    from qlora_kit.model import load_tokenizer
     from qlora_kit.recipe import load_recipe, training_args
     from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
 
     recipe = load_recipe(args.recipe, args.overrides)
     check_writable(recipe.data)
@@ -230,6 +242,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
             log=console.print,
         )
     show_eval(console, result.report)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from qlora_kit.export import ExportFailed, export_run
+    from qlora_kit.export.console import ExportProgress
+
+    overrides = [*args.overrides, f"export.format={args.format}"]
+    if args.types:
+        overrides.append(f"export.types=[{args.types}]")
+    if args.adapter_only:
+        overrides.append("export.adapter_only=true")
+    console = _console()
+    console.rule(f"qlora-kit export · {args.run_dir}")
+    progress = ExportProgress(console)
+    try:
+        export_run(Path(args.run_dir), args.output and Path(args.output), overrides, args.force, progress)
+    except ExportFailed as exc:
+        progress.on_done(exc.report)
+        print(f"error: export verification failed: {exc}; nothing was kept", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -310,6 +343,7 @@ COMMANDS = {
     "data": cmd_data,
     "eval": cmd_eval,
     "merge": cmd_merge,
+    "export": cmd_export,
     "plan": cmd_plan,
     "bench": cmd_bench,
 }

@@ -74,7 +74,8 @@ class TrainProgress:
         console.print(
             f"trained {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s: loss "
             f"{metrics['train_loss_first']:.3f} → {metrics['train_loss_last']:.3f}, "
-            f"{metrics['tokens_per_second']:.0f} trained tokens/s, "
+            f"{metrics['input_tokens_per_second']:,.0f} input tokens/s ({metrics['trained_tokens_per_second']:,.0f} "
+            "trained), "
             f"peak memory {metrics['peak_memory_bytes'] / 2**20:.0f} MiB"
         )
         comparison = metrics.get("comparison")

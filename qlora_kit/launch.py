@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from qlora_kit import tracking
 from qlora_kit.errors import UserError
 from qlora_kit.model import model_config_problems
 from qlora_kit.recipe import Recipe, training_args
@@ -32,7 +33,13 @@ from qlora_kit.resolve import (
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 LAUNCHED_ENV = "QLORA_KIT_LAUNCHED"  # set by `qlora-kit train --accelerate-profile` in the processes it starts
-REPORTERS = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard", "comet_ml": "comet_ml"}
+REPORTERS = {
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "trackio": "trackio",
+    "tensorboard": "tensorboard",
+    "comet_ml": "comet_ml",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,14 +248,35 @@ def check_packing(recipe: Recipe, resolved: Resolved) -> list[str]:
     return []
 
 
+def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
+    """FSDP and DeepSpeed shard over GPUs; without one (or without DeepSpeed) the launcher would fail in every worker
+    with a raw traceback, so the profile is refused here with what to run instead."""
+    if plan.mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        return [
+            f"launch.accelerate_profile: {plan.source} uses DeepSpeed, which is not installed: pip install deepspeed "
+            "on the GPU machine, or use the fsdp_qlora profile"
+        ]
+    if plan.sharded and not machine.on_gpu:
+        return [
+            f"launch.accelerate_profile: {plan.source} shards the model over GPUs ({plan.mode}) and this machine has "
+            "none: use the ddp profile (it runs on CPU processes) or no profile, or run on a GPU machine"
+        ]
+    return []
+
+
 def check_reporters(recipe: Recipe) -> list[str]:
-    report_to = training_args(recipe).get("report_to") or []
-    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    names = tracking.reporters(recipe)
     missing = [name for name in names if name in REPORTERS and importlib.util.find_spec(REPORTERS[name]) is None]
-    return [
-        f"training.report_to: {name} is not installed: pip install {name}, or remove it (tensorboard works offline)"
-        for name in missing
-    ]
+    return [tracking.TRACKIO_BLOCKED if name == "trackio" else _not_installed(name) for name in missing]
+
+
+def _not_installed(name: str) -> str:
+    fix = (
+        "pip install 'qlora-kit[tracking]' (MLflow's local store, no server)"
+        if name == "mlflow"
+        else f"pip install {name}"
+    )
+    return f"training.report_to: {name} is not installed: {fix}, or remove it (tensorboard works offline)"
 
 
 def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | None = None) -> Resolved:
@@ -262,6 +290,7 @@ def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | Non
         *check_device_map(recipe, plan),
         *check_idle_gpus(recipe, plan, machine),
         *check_packing(recipe, resolved),
+        *check_sharding_runs_here(plan, machine),
         *check_reporters(recipe),
         *model_config_problems(recipe),
     ]
@@ -269,14 +298,3 @@ def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | Non
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise UserError(f"pre-flight check found {count}: " + "; ".join(problems))
     return resolved
-
-
-def check_pad_token(tokenizer) -> None:
-    """Padding masked out of the loss must not be EOS, or the model never learns to stop (runs after the tokenizer
-    loads, before the model does)."""
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == tokenizer.eos_token_id:
-        raise UserError(
-            f"pre-flight check: the pad token {tokenizer.pad_token!r} is the EOS token, so masking padding would mask "
-            "every EOS: give the tokenizer a distinct pad token (model.tokenizer_name_or_path), or leave it unset "
-            "and qlora-kit picks one"
-        )

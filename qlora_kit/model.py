@@ -1,7 +1,6 @@
-"""Tokenizer, 4-bit base model and LoRA adapter, loaded the way the recipe says.
+"""4-bit base model and LoRA adapter, loaded the way the recipe says (safetensors-only by default).
 
-This is where the known tokenizer traps are closed: a pad token that is not EOS (so EOS stays in the loss and the
-model learns to stop), a chat template for base models that have none, and safetensors-only loading by default.
+The tokenizer rules (pad token, chat template, BOS, end-of-turn tokens) live in ``qlora_kit.tokenizer``.
 """
 
 from __future__ import annotations
@@ -14,109 +13,7 @@ import torch
 from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
 from qlora_kit.resolve import Resolved, resolve
-
-TEMPLATE_DIR = Path(__file__).parent / "templates"
-DEFAULT_TEMPLATE = "chatml"
-
-
-def check_model_path(recipe: Recipe) -> None:
-    """A name that is clearly a path (./x, /x, ~/x, a/b/c) must exist; anything else may be a hub id."""
-    path = recipe.model.name_or_path
-    if Path(path).expanduser().exists():
-        return
-    if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise UserError(f"model.name_or_path: directory {path} does not exist: give a local model folder or a hub id")
-
-
-def _pretrained_kwargs(recipe: Recipe) -> dict[str, Any]:
-    return {"revision": recipe.model.revision, "trust_remote_code": recipe.model.trust_remote_code}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-def load_tokenizer(recipe: Recipe):
-    """Load the tokenizer and make it safe to train with: distinct pad token and a chat template."""
-    from transformers import AutoTokenizer
-
-    check_model_path(recipe)
-    source = recipe.model.tokenizer_name_or_path or recipe.model.name_or_path
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **_pretrained_kwargs(recipe))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {source!r}: {first_line(exc)}") from None
-    if not tokenizer.is_fast:
-        raise UserError(f"model.tokenizer_name_or_path: {source!r} has no fast tokenizer; qlora-kit needs one")
-    ensure_pad_token(tokenizer)
-    set_chat_template(tokenizer, recipe.model.chat_template)
-    return tokenizer
-
-
-def ensure_pad_token(tokenizer) -> str:
-    """Give the tokenizer a pad token that is not EOS; return what was done.
-
-    With pad == EOS, collators that mask padding also mask the real EOS, and the model never learns to stop.
-    Prefer an existing unused special token (unk, or a reserved/pad-named one) so the vocabulary does not grow.
-    """
-    eos = tokenizer.eos_token_id
-    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != eos:
-        return f"kept pad token {tokenizer.pad_token!r}"
-    for candidate in _pad_candidates(tokenizer):
-        if candidate not in (tokenizer.eos_token, tokenizer.bos_token):
-            tokenizer.pad_token = candidate
-            return f"pad token set to existing {candidate!r} (was {'EOS' if eos is not None else 'unset'})"
-    tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-    return "added new pad token '<|pad|>' (embeddings are resized when the model loads)"
-
-
-def _pad_candidates(tokenizer) -> list[str]:
-    vocab_specials = [t for t in tokenizer.get_added_vocab() if "pad" in t.lower() or "reserved" in t.lower()]
-    named = [tokenizer.unk_token] if tokenizer.unk_token else []
-    return named + sorted(vocab_specials, key=lambda t: ("pad" not in t.lower(), t))
-
-
-def set_chat_template(tokenizer, choice: str | None) -> str:
-    """Install the recipe's chat template, or ChatML when the tokenizer has none; return where it came from."""
-    if choice:
-        tokenizer.chat_template = read_template(choice)
-        return choice
-    if tokenizer.chat_template:
-        return "tokenizer"
-    tokenizer.chat_template = read_template(DEFAULT_TEMPLATE)
-    return f"{DEFAULT_TEMPLATE} (the tokenizer has none)"
-
-
-def shipped_templates() -> list[str]:
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.jinja"))
-
-
-def read_template(choice: str) -> str:
-    """A shipped template by name, a .jinja file by path, or an inline Jinja string."""
-    if (TEMPLATE_DIR / f"{choice}.jinja").is_file():
-        return (TEMPLATE_DIR / f"{choice}.jinja").read_text()
-    if choice.endswith((".jinja", ".j2")):
-        path = Path(choice).expanduser()
-        if not path.is_file():
-            raise UserError(f"model.chat_template: file {choice} does not exist")
-        return path.read_text()
-    if "{%" in choice or "{{" in choice:
-        return choice
-    names = ", ".join(shipped_templates())
-    raise UserError(
-        f"model.chat_template: unknown template {choice!r}: use one of {names}, or a path to a .jinja file"
-    )
-
-
-def end_of_turn_ids(tokenizer) -> list[int]:
-    """Token ids that end a generated answer: EOS plus the chat template's end-of-turn tokens when they exist."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    for token in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if token in tokenizer.get_vocab() and token_id not in ids:
-            ids.append(token_id)
-    return ids
-
+from qlora_kit.tokenizer import check_model_path, pretrained_kwargs
 
 # ---------------------------------------------------------------------------------------------------------------
 # The model's config, checked before any weight loads
@@ -128,7 +25,7 @@ def read_model_config(recipe: Recipe):
 
     path = Path(recipe.model.name_or_path).expanduser()
     try:
-        return AutoConfig.from_pretrained(recipe.model.name_or_path, **_pretrained_kwargs(recipe))
+        return AutoConfig.from_pretrained(recipe.model.name_or_path, **pretrained_kwargs(recipe))
     except (OSError, ValueError, KeyError) as exc:
         if path.is_dir():
             raise UserError(f"model.name_or_path: cannot read {path}/config.json: {first_line(exc)}") from None
@@ -220,7 +117,7 @@ def load_base_model(recipe: Recipe, tokenizer=None, resolved: Resolved | None = 
     resolved = resolved or resolve(recipe)
     check_model_path(recipe)
     kwargs = dict(
-        **_pretrained_kwargs(recipe),
+        **pretrained_kwargs(recipe),
         quantization_config=quantization_config(recipe, resolved),
         dtype=resolved.weights_dtype,
         attn_implementation=resolved.attn_implementation,

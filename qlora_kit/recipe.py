@@ -92,7 +92,14 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 PREFERENCE_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5}
 PREFERENCE_DROPPED = ("packing",)
 
-SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey")
+SECRET_WORDS = ("token", "secret", "password", "apikey", "api_key", "access_key")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a key names a credential: one of SECRET_WORDS as whole underscore-separated words (``hub_token``,
+    ``api_key``), so ``tokenizer_name_or_path`` or ``max_new_tokens`` are not taken for one."""
+    words = f"_{key.lower()}_"
+    return any(f"_{word}_" in words for word in SECRET_WORDS)
 
 
 class Section(BaseModel):
@@ -142,7 +149,9 @@ class QuantizationSection(Section):
         True, description="Quantize the quantization constants too (saves ~0.37 bit/param)."
     )
     bnb_4bit_compute_dtype: Dtype = Field(
-        "auto", description="dtype of the matmuls; auto = bfloat16 on a GPU that has it, float32 otherwise."
+        "auto",
+        description="dtype of the matmuls; auto = bfloat16 on a GPU with native bf16 (compute capability 8.0+), "
+        "float32 otherwise (T4, V100, CPU).",
     )
     bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="Storage dtype of packed 4-bit weights; FSDP needs it equal to the compute dtype."
@@ -194,6 +203,16 @@ class DataSource(Section):
     sample_by: Literal["line", "paragraph", "document"] = Field(
         "line", description="For .txt files: one text row per line, per blank-line paragraph or per file."
     )
+    reasoning: Literal["train", "mask", "drop"] = Field(
+        "train",
+        description="Assistant reasoning (reasoning_content/thinking): train on it with the answer, show it but train "
+        "on the answer only (mask), or drop it before rendering.",
+    )
+    enable_thinking: bool | None = Field(
+        None,
+        description="Passed to the chat template (Qwen3-style think/no-think modes) when training, in the pre-flight "
+        "check and at evaluation; unset: the template's default.",
+    )
 
     @model_validator(mode="after")
     def _one_share(self) -> DataSource:
@@ -207,7 +226,11 @@ class DataSection(Section):
     eval: DataSource | None = Field(None, description="Held-out evaluation source.")
     eval_split: float | None = Field(None, gt=0, lt=1, description="Fraction of train held out for evaluation.")
     max_length: int = Field(1024, gt=0, description="Longest tokenized example.")
-    truncation: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer examples.")
+    truncation: Literal["truncate_prompt", "drop_turns", "truncate", "drop"] = Field(
+        "truncate_prompt",
+        description="Longer examples: cut the prompt from the left so the last answer survives (truncate_prompt), "
+        "drop whole earlier turns keeping the system prompt (drop_turns), cut the end (truncate), or drop them.",
+    )
     seed: int = Field(42, description="Seed for the eval split, mixing and shuffling.")
     dedupe: bool = Field(False, description="Drop repeated examples (and training examples equal to held-out ones).")
     max_bad_rows: int = Field(
@@ -333,6 +356,91 @@ class MergeSection(Section):
     )
 
 
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q5_k_m", "q4_k_m"]
+
+
+class GgufThresholds(Section):
+    """One limit per GGUF type; the defaults are documented in docs/export.md."""
+
+    f32: float = Field(
+        0.001, ge=0, description="Most allowed relative perplexity increase of f32 files over the merged model."
+    )
+    f16: float = Field(
+        0.005, ge=0, description="Most allowed relative perplexity increase of f16 files over the merged model."
+    )
+    bf16: float = Field(
+        0.02, ge=0, description="Most allowed relative perplexity increase of bf16 files over the merged model."
+    )
+    q8_0: float = Field(
+        0.02, ge=0, description="Most allowed relative perplexity increase of q8_0 files over the merged model."
+    )
+    q5_k_m: float = Field(
+        0.05, ge=0, description="Most allowed relative perplexity increase of q5_k_m files over the merged model."
+    )
+    q4_k_m: float = Field(
+        0.10, ge=0, description="Most allowed relative perplexity increase of q4_k_m files over the merged model."
+    )
+
+
+class GgufAgreement(Section):
+    """Least fraction of held-out greedy generations identical to the merged model's, per GGUF type."""
+
+    f32: float = Field(
+        1.0, ge=0, le=1, description="Least share of f32 greedy generations equal to the merged model's."
+    )
+    f16: float = Field(
+        1.0, ge=0, le=1, description="Least share of f16 greedy generations equal to the merged model's."
+    )
+    bf16: float = Field(
+        1.0, ge=0, le=1, description="Least share of bf16 greedy generations equal to the merged model's."
+    )
+    q8_0: float = Field(
+        1.0, ge=0, le=1, description="Least share of q8_0 greedy generations equal to the merged model's."
+    )
+    q5_k_m: float = Field(
+        0.0, ge=0, le=1, description="Least share of q5_k_m greedy generations equal to the merged model's."
+    )
+    q4_k_m: float = Field(
+        0.0, ge=0, le=1, description="Least share of q4_k_m greedy generations equal to the merged model's."
+    )
+
+
+class ExportSection(Section):
+    format: Literal["gguf"] = Field("gguf", description="Export format: gguf (llama.cpp, Ollama, LM Studio).")
+    types: list[GgufType] = Field(
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        min_length=1,
+        description="GGUF types written, each its own file: f32, f16, bf16, q8_0, q5_k_m, q4_k_m.",
+    )
+    output: str | None = Field(
+        None, description="Export folder; default RUN_DIR/gguf (RUN_DIR/gguf-lora with adapter_only)."
+    )
+    adapter_only: bool = Field(
+        False, description="Write the adapter as a GGUF LoRA (plus a GGUF of the base to apply it on) instead."
+    )
+    pre_tokenizer: str | None = Field(
+        None,
+        description="llama.cpp pre-tokenizer name for a BPE tokenizer llama.cpp does not recognize; default: the "
+        "first of smollm, gpt-2, qwen2, llama-bpe that tokenizes the held-out text exactly as the tokenizer does.",
+    )
+    system_prompt: str | None = Field(None, description="SYSTEM line of the Ollama Modelfile.")
+    verify: bool = Field(
+        True, description="Check every GGUF in llama.cpp against the merged model; fail beyond the thresholds."
+    )
+    verify_examples: int = Field(16, gt=0, description="Held-out examples for the perplexity comparison.")
+    verify_generations: int = Field(8, ge=0, description="Held-out prompts whose greedy generations are compared.")
+    max_new_tokens: int = Field(24, gt=0, description="Tokens generated per held-out prompt when comparing.")
+    max_perplexity_increase: GgufThresholds = Field(
+        default_factory=GgufThresholds,
+        description="Most allowed relative held-out perplexity increase of each GGUF type over the merged model "
+        "(0.10 = 10%).",
+    )
+    min_generation_agreement: GgufAgreement = Field(
+        default_factory=GgufAgreement,
+        description="Least fraction of greedy generations identical to the merged model's, per GGUF type.",
+    )
+
+
 class Recipe(Section):
     method: Method = Field(
         "sft",
@@ -352,6 +460,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     merge: MergeSection = Field(default_factory=MergeSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe name>.")
 
     @model_validator(mode="after")
@@ -666,7 +775,7 @@ def redact(node: Any, key: str = "") -> Any:
         return {k: redact(v, str(k)) for k, v in node.items()}
     if isinstance(node, list):
         return [redact(v, key) for v in node]
-    if node and isinstance(node, str) and any(word in key.lower() for word in SECRET_WORDS):
+    if node and isinstance(node, str) and is_secret_key(key):
         return "<redacted>"
     return node
 

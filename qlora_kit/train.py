@@ -19,17 +19,18 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
-from qlora_kit import checkpoints, launch, rundir
+from qlora_kit import checkpoints, launch, rundir, tracking
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data import cache as data_cache
 from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
 from qlora_kit.errors import TrainingStopped, UserError
 from qlora_kit.evaluate import compare_base_and_tuned
 from qlora_kit.recipe import (
-    SECRET_WORDS,
     Recipe,
     culprit_key,
+    is_secret_key,
     resolved_dict,
     to_yaml,
     training_args,
@@ -103,7 +104,7 @@ def withhold_secrets(args: dict[str, Any]) -> dict[str, Any]:
     """
     kept = {}
     for key, value in args.items():
-        if isinstance(value, str) and value and any(word in key.lower() for word in SECRET_WORDS):
+        if isinstance(value, str) and value and is_secret_key(key):
             if key == "hub_token":
                 os.environ["HF_TOKEN"] = value
             continue
@@ -266,8 +267,13 @@ def training_metrics(trainer, runtime_s: float, mean_loss: float | None) -> dict
         "train_loss_mean": mean_loss,
         "steps": trainer.state.global_step,
         "train_tokens": tokens,
+        # Every real token the model read (prompts and padding-free packs included, padding excluded), all ranks:
+        # what other tools report as "tokens/s". The trained tokens are the ones in the loss.
+        "input_tokens": int(trainer._total_train_tokens),
         "train_runtime_s": runtime_s,
-        "tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,
+        "tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,  # trained tokens, kept for older readers
+        "trained_tokens_per_second": tokens / runtime_s if runtime_s > 0 else 0.0,
+        "input_tokens_per_second": trainer._total_train_tokens / runtime_s if runtime_s > 0 else 0.0,
         "peak_memory_bytes": rundir.peak_memory_bytes(),
         "versions": rundir.versions(),
     }
@@ -319,15 +325,14 @@ def train(
 
     show = progress or (lambda *args, **kwargs: None)
     resolved = launch.preflight(recipe)  # every machine-dependent setting, decided and checked before any weight loads
-    plan = resolved.launch
     rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
     data_cache.check_writable(recipe.data)
     checkpoint = prepare_staging(run_dir, force, resume)
     staging = rundir.staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])
 
-    tokenizer = model_stage.load_tokenizer(recipe)
-    launch.check_pad_token(tokenizer)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    tokenizer_rules.check_pad_token(tokenizer)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
     # The trainer's own checks, before the weights load.
@@ -344,25 +349,37 @@ def train(
         from qlora_kit.evaluate.callback import generation_eval_callback
 
         trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
+    main = trainer.is_world_process_zero()
+    with tracking.mlflow_run(recipe, staging, config.run_name, checkpoint is not None, main) as tracked:
+        metrics = _train_and_publish(
+            trainer, model, tokenizer, recipe, resolved, prepared, checkpoint, run_dir, tracked
+        )
+    show("done", {"run_dir": str(run_dir), **metrics})
+    return RunResult(run_dir=run_dir, metrics=metrics, model=model)
+
+
+def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, checkpoint, run_dir, tracked) -> dict:
+    """Train, save the adapter (every rank), and on the main process write the outputs, log them and publish."""
+    staging = rundir.staging_dir_for(run_dir)
     started = time.perf_counter()
     result = run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started
     metrics = training_metrics(trainer, runtime, result.training_loss if result else None)
     metrics["data"] = prepared.stats.as_dict()
     metrics["launch"] = {
-        "mode": plan.mode,
+        "mode": resolved.launch.mode,
         "processes": trainer.args.world_size,
         "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None,
     }
 
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
     if trainer.is_world_process_zero():
-        metrics.update(_compare(model, tokenizer, prepared, recipe, plan))
+        metrics.update(_compare(model, tokenizer, prepared, recipe, resolved.launch))
         _write_outputs(trainer, recipe, resolved, staging, metrics)
+        tracking.finish_training(tracked, staging, run_dir)
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
-    show("done", {"run_dir": str(run_dir), **metrics})
-    return RunResult(run_dir=run_dir, metrics=metrics, model=model)
+    return metrics
 
 
 def run_training(trainer, checkpoint: Path | None, staging: Path):

@@ -32,12 +32,14 @@ SLOW_FILES = {
     "test_resume.py",
     "test_train.py",
     "test_demo_loss.py",
+    "test_tracking.py",
     "test_cli_errors.py",  # each case starts a fresh interpreter
     "test_preference.py",
 }
 SLOW_TESTS = {
     "test_ddp_on_two_cpu_processes_matches_one_process",
     "test_planner_plans_every_recipe_near_its_stated_memory",
+    "test_generation_stops_at_end_of_turn_after_a_short_fine_tune",
 }
 
 
@@ -136,6 +138,7 @@ TINY_ARCHITECTURES = {
     "llama": ("LlamaConfig", {}),
     "phi3": ("Phi3Config", {}),  # fused projections: qkv_proj and gate_up_proj
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),  # tied embeddings, biased q/k/v
+    "mistral": ("MistralConfig", {}),
 }
 
 

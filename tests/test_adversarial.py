@@ -67,7 +67,7 @@ def trained_run(tmp_path_factory, tiny_model_dir, arithmetic_rows) -> Path:
         max_steps=2,
         save_strategy="steps",
         save_steps=1,
-        report_to="tensorboard",
+        report_to=["tensorboard", "mlflow"],
         logging_steps=50,
         hub_token="hf_SeCrEtTokenThatMustNeverBeWritten",
     )
@@ -124,6 +124,7 @@ def test_hub_token_reaches_no_file_of_the_run(trained_run):
     files = [p for p in trained_run.rglob("*") if p.is_file()]
     assert any(p.name == "training_args.bin" for p in files)  # checkpoints keep their arguments (exact resume)
     assert any("events.out.tfevents" in p.name for p in files)
+    assert any(p.parent.name == "params" and p.name == "learning_rate" for p in files)  # MLflow's store, in the run
     leaked = [str(p.relative_to(trained_run)) for p in files if secret in p.read_bytes()]
     assert leaked == []
     assert yaml.safe_load((trained_run / "recipe.yaml").read_text())["training"]["hub_token"] == "<redacted>"
@@ -355,3 +356,8 @@ def test_bench_output_folders_are_new_each_time():
         assert dated_folder(Path("runs/bench/demo")) != first
     finally:
         first.rmdir()
+
+
+def test_missing_tokenizer_folder_is_named_by_its_own_key(capsys, recipe, tmp_path):
+    code, err = run(capsys, "train", str(recipe()), "model.tokenizer_name_or_path=./no-such-tokenizer")
+    assert_user_error(code, err, "model.tokenizer_name_or_path", "no-such-tokenizer", "does not exist")

@@ -17,6 +17,7 @@ LAYERS = {
     "resolve": 2,
     "rundir": 2,
     "tokenizer": 3,
+    "tracking": 3,
     "model": 4,
     "checkpoints": 4,
     "data": 5,

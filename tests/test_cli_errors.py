@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -95,3 +96,39 @@ def test_existing_run_dir_is_not_overwritten(recipe_file, tmp_path):
     (run / "keep.txt").write_text("mine")
     assert_user_error(run_cli("train", recipe_file()), "already exists", "--force")
     assert (run / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "content, needles",
+    [
+        # "café" in Latin-1: byte 0xe9 is not UTF-8; line 2 starts at byte 88, the bad byte is 16 bytes into it.
+        (
+            json.dumps(chat("a", "b")).encode() + b"\n" + b'{"text": "un caf\xe9 noir"}\n',
+            ["bad.jsonl line 2", "not valid UTF-8 at byte offset 104 (byte 0xe9)"],
+        ),
+        (b'{"messages": [{"role": ["user"], "content": "a"}, {"role": "assistant", "content": "b"}]}\n', None),
+        (b'{"messages": [{"role": 7, "content": "a"}, {"role": "assistant", "content": "b"}]}\n', None),
+    ],
+    ids=["invalid-utf8", "role-list", "role-number"],
+)
+def test_bad_bytes_and_roles_are_named_not_tracebacks(recipe_file, tmp_path, content, needles):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(content)
+    result = run_cli("data", recipe_file(), f"data.train.0.path={bad}", "--examples", "0")
+    assert_user_error(result, *(needles or ["bad.jsonl line 1", "messages[0] has unknown role"]))
+    assert bad.read_bytes() == content  # reading never rewrites the user's file
+
+
+def test_csv_and_tsv_cells_are_read_as_text(recipe_file, tmp_path):
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_bytes(b'prompt,completion\n"What is 50 + 2?"," 52"\n"And 7?","7"\n')
+    tsv_file = tmp_path / "rows.tsv"
+    tsv_file.write_bytes(b"prompt\tcompletion\nWhat is 50 + 2?\t 52\nAnd 7?\t007\n")
+    from qlora_kit.data import read_source
+    from qlora_kit.recipe import DataSource
+
+    assert [r.data["completion"] for r in read_source(DataSource(path=str(csv_file)))] == [" 52", "7"]
+    assert [r.data["completion"] for r in read_source(DataSource(path=str(tsv_file)))] == [" 52", "007"]
+    result = run_cli("data", recipe_file(), f"data.train.0.path={csv_file}", "--examples", "0", "--plain")
+    assert result.returncode == 0, result.stderr
+    assert "prompt_completion" in result.stdout and "Traceback" not in result.stderr

@@ -10,8 +10,8 @@ from tokenizers import processors
 
 from qlora_kit import data
 from qlora_kit.errors import UserError
-from qlora_kit.model import ensure_pad_token, read_template
 from qlora_kit.recipe import DataSource
+from qlora_kit.tokenizer import ensure_pad_token, read_template
 
 from .conftest import chat, write_jsonl
 
@@ -260,7 +260,7 @@ def expected_tokens(tokenizer, pieces):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_template_masks_token_by_token(template_tokenizer, name):
-    from qlora_kit.model import end_of_turn_ids, shipped_templates
+    from qlora_kit.tokenizer import end_of_turn_ids, shipped_templates
 
     assert name in shipped_templates()
     template_tokenizer.chat_template = read_template(name)

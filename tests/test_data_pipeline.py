@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from qlora_kit import cli, data
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data import build
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import load_recipe, validate
@@ -101,7 +102,7 @@ def test_dedupe_drops_repeats_and_training_copies_of_held_out_rows(tmp_path, tin
 def test_cache_hits_when_nothing_changed_and_misses_on_template_or_data_bytes(
     tmp_path, tiny_model_dir, demo_tokenizer
 ):
-    from qlora_kit.model import load_tokenizer
+    from qlora_kit.tokenizer import load_tokenizer
 
     path = write_jsonl(tmp_path / "train.jsonl", [chat(f"q{i}", f"a{i}") for i in range(20)])
     held = write_jsonl(tmp_path / "held.jsonl", [chat("what?", "this")])
@@ -168,7 +169,7 @@ def test_worker_processes_give_the_same_result(tmp_path, tiny_model_dir, demo_to
 
 
 def test_template_errors_count_against_the_bad_row_budget(tmp_path, tiny_model_dir):
-    from qlora_kit.model import load_tokenizer
+    from qlora_kit.tokenizer import load_tokenizer
 
     rows = [
         chat("a", "b"),
@@ -284,7 +285,7 @@ def test_trainer_collates_packed_rows_apart_unless_the_kernel_is_varlen(tmp_path
 
     recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, per_device_train_batch_size=2))
     assert recipe.training.get("packing") is None  # on by default
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     prepared = data.build_datasets(recipe, tokenizer)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     trainer = make_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
@@ -408,7 +409,7 @@ def test_recipes_in_the_data_docs_are_valid():
     from .conftest import REPO
 
     blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "docs" / "data.md").read_text(), re.S)
-    assert blocks
-    for block in blocks:
-        recipe = validate(yaml.safe_load(block))
-        assert recipe.data.train[0].weight == 3 and recipe.data.train[1].columns == {"messages": "conversation"}
+    assert len(blocks) == 2
+    recipes = [validate(yaml.safe_load(block)) for block in blocks]
+    assert recipes[0].data.train[0].weight == 3 and recipes[0].data.train[1].columns == {"messages": "conversation"}
+    assert [(s.reasoning, s.enable_thinking) for s in recipes[1].data.train] == [("train", None), ("mask", False)]

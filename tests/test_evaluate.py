@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.cli import main
 from qlora_kit.evaluate import GenerationSettings, generate
 from qlora_kit.evaluate.scoring import load_metrics, score
@@ -210,7 +211,7 @@ def test_lm_eval_accuracy_matches_loglikelihood_computed_here(evaluated, run_dir
 @pytest.fixture(scope="module")
 def adapter_model(run_dir):
     recipe = load_recipe(run_dir / "recipe.yaml")
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     return model_stage.load_adapter_model(recipe, run_dir / "adapter", tokenizer), tokenizer
 
 
@@ -321,7 +322,7 @@ def test_generation_eval_callback_logs_exact_match(tmp_path):
         demo_recipe(tmp_path, max_steps=2, per_device_train_batch_size=4, logging_steps=1),
         ["eval.callback_steps=1", "eval.callback_samples=3", "eval.max_new_tokens=3"],
     )
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     prepared = data_stage.build_datasets(recipe, tokenizer)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     trainer = make_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")

@@ -47,7 +47,8 @@ def make_run(
     **sections,
 ) -> Path:
     """A run directory as `train` writes it, with a real adapter on the real 4-bit base whose weights are random."""
-    from qlora_kit.model import attach_lora, load_base_model, load_tokenizer
+    from qlora_kit.model import attach_lora, load_base_model
+    from qlora_kit.tokenizer import load_tokenizer
 
     tmp.mkdir(parents=True, exist_ok=True)
     train = write_jsonl(tmp / "train.jsonl", rows[:24])
@@ -355,7 +356,7 @@ def _user_error(capsys, *argv: str) -> str:
 def test_bad_inputs_exit_2_with_one_line(tmp_path, tiny_architecture_dir, arithmetic_rows, demo_tokenizer, capsys):
     run = make_run(tmp_path / "llama", tiny_architecture_dir("llama"), arithmetic_rows)
     (tmp_path / "empty").mkdir()
-    assert "no adapter in" in _user_error(capsys, "merge", str(tmp_path / "empty"))
+    assert "has no adapter/adapter_config.json" in _user_error(capsys, "merge", str(tmp_path / "empty"))
     out = str(tmp_path / "out")
     phi3 = tiny_architecture_dir("phi3")
     assert "does not match the base" in _user_error(

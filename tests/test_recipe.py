@@ -106,6 +106,9 @@ def test_secrets_are_redacted_and_safe_yaml(tmp_path):
     resolved = resolved_dict(validate(raw))
     assert resolved["training"]["hub_token"] == "<redacted>"
     assert redact({"wandb_api_key": "x", "n": 1}) == {"wandb_api_key": "<redacted>", "n": 1}
+    # Whole words only: a tokenizer path or a token count is not a credential, and must survive into recipe.yaml.
+    kept = {"tokenizer_name_or_path": "org/tok", "max_new_tokens": 8, "aws_secret_access_key": "s"}
+    assert redact(kept) == {**kept, "aws_secret_access_key": "<redacted>"}
     unsafe = tmp_path / "unsafe.yaml"
     unsafe.write_text("model: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(UserError, match="not valid YAML"):

@@ -36,6 +36,7 @@ RECIPE_ARCHITECTURES = {
     "llama/llama-3.1-70b_tulu3.yaml": "llama-3.1-70b",
     "llama/llama-3.1-8b_ultrachat.yaml": "llama-3.1-8b",
     "llama/llama-3.1-8b_dpo_ultrafeedback.yaml": "llama-3.1-8b",
+    "llama/llama-3.1-8b_glaive-toolcall.yaml": "llama-3.1-8b",
     "llama/llama-3.2-1b_alpaca-cleaned.yaml": "llama-3.2-1b",
     "llama/llama-3.2-3b_smoltalk.yaml": "llama-3.2-3b",
     "mistral/mistral-7b_guanaco.yaml": "mistral-7b",
@@ -43,6 +44,7 @@ RECIPE_ARCHITECTURES = {
     "phi/phi-3.5-mini_no-robots.yaml": "phi-3.5-mini",
     "qwen/qwen2.5-7b_openhermes.yaml": "qwen2.5-7b",
     "qwen/qwen2.5-7b_kto_mix.yaml": "qwen2.5-7b",
+    "qwen/qwen3-8b_multilingual-thinking.yaml": "qwen3-8b",
 }
 
 # Parameter counts published on the model cards, in billions: a config value that transformers ignores or that was
@@ -56,6 +58,7 @@ PUBLISHED_PARAMS_B = {
     "mistral-7b": 7.25,
     "phi-3.5-mini": 3.82,
     "qwen2.5-7b": 7.62,
+    "qwen3-8b": 8.19,
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.recipe import load_recipe
 from qlora_kit.train import train
 
@@ -50,6 +51,9 @@ def test_run_directory_is_complete(trained):
     ):
         assert key in metrics, key
     assert metrics["steps"] == 12 and metrics["train_tokens"] > 0 and metrics["peak_memory_bytes"] > 0
+    # Input tokens include the prompts, trained tokens only the answers: both reported, named plainly.
+    assert metrics["input_tokens"] > metrics["train_tokens"]
+    assert metrics["input_tokens_per_second"] > metrics["trained_tokens_per_second"] > 0
     assert set(metrics["versions"]) >= {
         "torch",
         "transformers",
@@ -101,7 +105,7 @@ def test_saved_adapter_reproduces_logits(trained):
     from peft import PeftModel
 
     recipe, result = trained
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     reloaded = PeftModel.from_pretrained(model_stage.load_base_model(recipe), str(result.run_dir / "adapter"))
     ids = tokenizer("What is 3 plus 4?", return_tensors="pt")["input_ids"]
     result.model.eval()
@@ -135,7 +139,7 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16(tmp_path, tiny_model_dir, ari
     recipe = load_recipe(
         tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows), ["quantization.bnb_4bit_compute_dtype=bfloat16"]
     )
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16

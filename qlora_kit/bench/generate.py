@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.bench.measure import machine, peak_memory, sync
 from qlora_kit.errors import UserError
 from qlora_kit.rundir import is_run, versions
@@ -35,7 +36,7 @@ def generation_models(path: Path):
     from qlora_kit.resolve import resolve
 
     resolved = resolve(recipe)
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     base = model_stage.load_base_model(recipe, tokenizer, resolved)
     variants = []
     if (path / "adapter").is_dir():

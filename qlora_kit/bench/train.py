@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.bench.measure import (
     SIDES,
     Meter,
@@ -47,7 +48,7 @@ def run_toolkit(recipe, warmup: int, steps: int, workdir: Path, started: float) 
     from qlora_kit.train import make_trainer
 
     recipe.training = {"packing": True, **_bench_training(recipe, warmup, steps)}
-    tokenizer = model_stage.load_tokenizer(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
     prepared = dataclasses.replace(data_stage.build_datasets(recipe, tokenizer), eval=None)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     trainer = make_trainer(recipe, model, tokenizer, prepared, workdir)
@@ -69,7 +70,7 @@ def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float)
 
     tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path)
     if tokenizer.chat_template is None:
-        model_stage.set_chat_template(tokenizer, recipe.model.chat_template)
+        tokenizer_rules.set_chat_template(tokenizer, recipe.model.chat_template)
     model = AutoModelForCausalLM.from_pretrained(
         recipe.model.name_or_path,
         quantization_config=model_stage.quantization_config(recipe, resolved),

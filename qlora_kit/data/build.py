@@ -16,12 +16,20 @@ from typing import Any
 from qlora_kit.data import cache
 from qlora_kit.data.formats import detect_format, detection_note, normalize_rows
 from qlora_kit.data.sources import BadRows, Row, RowError, read_source
-from qlora_kit.data.tokens import IGNORE_INDEX, TokenRules, encode_batch
+from qlora_kit.data.tokens import (
+    IGNORE_INDEX,
+    TokenRules,
+    encode_batch,
+    inference_mismatch,
+    render_canonical,
+    tokenize,
+)
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import DataSource, Recipe
 
 CHUNK = 1000  # rows per tokenizer call and per task handed to a worker process
 PARALLEL_FROM = 20_000  # below this, starting worker processes costs more than it saves
+PREFLIGHT_ROWS = 8  # conversations per split rendered both ways before tokenizing (a few ms each)
 
 
 @dataclass
@@ -31,9 +39,11 @@ class DataStats:
     formats: dict[str, str] = field(default_factory=dict)
     detected: dict[str, str] = field(default_factory=dict)  # how each source's format was chosen
     skipped: Counter = field(default_factory=Counter)  # bad rows skipped, by reason
+    chat: Counter = field(default_factory=Counter)  # rows with tools; tool calls, tool results, reasoning turns
     duplicates: int = 0
     eval_rows: int = 0
-    truncated: int = 0
+    truncated: int = 0  # examples cut to max_length (truncate, truncate_prompt)
+    truncation: Counter = field(default_factory=Counter)  # longer examples handled, by the policy that handled them
     dropped_too_long: int = 0
     dropped_no_target: int = 0
     examples: int = 0
@@ -49,7 +59,7 @@ class DataStats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataStats:
-        counters = {"rows", "used", "skipped"}
+        counters = {"rows", "used", "skipped", "truncation", "chat"}
         known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__}
         return cls(**{k: Counter(v) if k in counters else v for k, v in known.items()})
 
@@ -73,13 +83,30 @@ def read_formatted(
     bad = bad or BadRows()
     rows = read_source(source, bad)
     fmt = detect_format(rows, source.format, f"{label} ({source.path})", source.columns)
-    rows = normalize_rows(rows, fmt, source.columns, bad)
+    chat = {"reasoning": source.reasoning, "template_kwargs": {}}
+    if source.enable_thinking is not None:
+        chat["template_kwargs"] = {"enable_thinking": source.enable_thinking}
+    rows = normalize_rows(rows, fmt, source.columns, bad, chat)
     if not rows:
         raise UserError(f"{label} ({source.path}): no valid row is left after skipping {bad.reasons.total()} bad ones")
     if stats is not None:
+        count_chat(rows, stats.chat)
         stats.formats[source.path] = fmt
         stats.detected[source.path] = detection_note(fmt, source.format, source.columns)
     return rows
+
+
+def count_chat(rows: list[Row], counts: Counter) -> None:
+    """What the conversations hold beyond plain turns, for the report."""
+    for row in rows:
+        data = row.data
+        conversation = data.get("messages") or (data["prompt"] + data["completion"] if "prompt" in data else "")
+        if not isinstance(conversation, list):
+            continue
+        counts["rows with tools"] += bool(data.get("tools"))
+        counts["tool calls"] += sum(len(m.get("tool_calls") or []) for m in conversation)
+        counts["tool results"] += sum(m["role"] == "tool" for m in conversation)
+        counts["reasoning turns"] += sum(bool(m.get("reasoning_content")) for m in conversation)
 
 
 def _key(row: Row) -> str:
@@ -194,7 +221,7 @@ def _encoded_chunks(rows: list[Row], tokenizer, processes: int):
     chunks = [rows[i : i + CHUNK] for i in range(0, len(rows), CHUNK)]
     if processes <= 1 or len(chunks) <= 1:
         for chunk in chunks:
-            yield len(chunk), encode_batch(chunk, tokenizer, rules)
+            yield chunk, encode_batch(chunk, tokenizer, rules)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -205,7 +232,7 @@ def _encoded_chunks(rows: list[Row], tokenizer, processes: int):
         processes, mp_context=context, initializer=_init_worker, initargs=(tokenizer, rules)
     ) as pool:
         for chunk, results in zip(chunks, pool.map(_encode_in_worker, chunks), strict=True):
-            yield len(chunk), results
+            yield chunk, results
 
 
 def _progress(show: bool | None):
@@ -238,23 +265,78 @@ def encode_rows(
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     with _progress(show_progress) as progress:
         task = progress.add_task(label, total=len(rows))
-        for size, results in _encoded_chunks(rows, tokenizer, processes):
-            for result in results:
+        for chunk, results in _encoded_chunks(rows, tokenizer, processes):
+            for row, result in zip(chunk, results, strict=True):
                 if isinstance(result, RowError):
                     bad.skip(result)
-                else:
-                    _keep(*result, max_length, policy, stats, columns)
-            progress.advance(task, size)
+                    continue
+                fitted = fit_length(row, *result, tokenizer, max_length, policy, stats)
+                if fitted is not None:
+                    _keep(*fitted, stats, columns)
+            progress.advance(task, len(chunk))
     return columns
 
 
-def _keep(ids: list[int], labels: list[int], max_length: int, policy: str, stats: DataStats, columns: dict) -> None:
-    if len(ids) > max_length:
-        if policy == "drop":
-            stats.dropped_too_long += 1
-            return
-        ids, labels = ids[:max_length], labels[:max_length]
-        stats.truncated += 1
+def fit_length(row: Row, ids: list, labels: list, tokenizer, max_length: int, policy: str, stats: DataStats):
+    """An example no longer than max_length under the policy, or None when it is dropped; counts what was done."""
+    if len(ids) <= max_length:
+        return ids, labels
+    if policy == "drop":
+        stats.truncation["drop"] += 1
+        stats.dropped_too_long += 1
+        return None
+    if policy == "drop_turns":
+        fitted = drop_turns(row, tokenizer, max_length)
+        if fitted is not None:
+            stats.truncation["drop_turns"] += 1
+            return fitted
+        policy = "truncate_prompt"  # even the last exchange alone is too long: cut its prompt instead
+    stats.truncated += 1
+    stats.truncation[policy] += 1
+    if policy == "truncate_prompt":
+        return truncate_prompt(ids, labels, max_length, tokenizer.bos_token_id)
+    return ids[:max_length], labels[:max_length]
+
+
+def truncate_prompt(ids: list, labels: list, max_length: int, bos: int | None) -> tuple[list, list]:
+    """Cut tokens from the left (after a leading BOS) so the last trained run (the answer and its end of turn)
+    survives; an answer longer than the window keeps its beginning."""
+    head = 1 if ids and bos is not None and ids[0] == bos else 0
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    if not trained:
+        return ids[:max_length], labels[:max_length]  # nothing to keep: the example is dropped as untrained
+    start = trained[-1]
+    while start > head and labels[start - 1] != IGNORE_INDEX:  # back to the start of the last trained run
+        start -= 1
+    excess = len(ids) - max_length
+    if head + excess <= start:
+        return ids[:head] + ids[head + excess :], labels[:head] + labels[head + excess :]
+    # The answer alone does not fit the window: keep its beginning.
+    room = max_length - head
+    return ids[:head] + ids[start : start + room], labels[:head] + labels[start : start + room]
+
+
+def drop_turns(row: Row, tokenizer, max_length: int) -> tuple[list, list] | None:
+    """Drop whole earlier exchanges (keeping leading system turns) until the conversation fits; None when even the
+    last exchange is too long, or the row is not a conversation."""
+    messages = row.data.get("messages")
+    if not messages:
+        return None
+    system = 0
+    while system < len(messages) and messages[system]["role"] == "system":
+        system += 1
+    starts = [i for i in range(system, len(messages)) if messages[i]["role"] == "user"]
+    for start in starts[1:]:
+        shorter = Row({**row.data, "messages": messages[:system] + messages[start:]}, row.where, row.fmt)
+        if not any(m["role"] == "assistant" for m in shorter.data["messages"]):
+            return None
+        ids, labels = tokenize(tokenizer, *render_canonical(shorter, tokenizer))
+        if len(ids) <= max_length:
+            return ids, labels
+    return None
+
+
+def _keep(ids: list[int], labels: list[int], stats: DataStats, columns: dict) -> None:
     trained = len(labels) - labels.count(IGNORE_INDEX)
     if trained == 0:
         stats.dropped_no_target += 1
@@ -286,6 +368,7 @@ def process(recipe: Recipe, tokenizer, show_progress: bool | None = None) -> tup
     stats = DataStats()
     bad = BadRows(limit=data.max_bad_rows)  # one budget for the whole dataset, whichever step finds the row bad
     train_rows, eval_rows = collect_rows(recipe, stats, bad)
+    check_inference_prompts(train_rows[:PREFLIGHT_ROWS] + eval_rows[:PREFLIGHT_ROWS], tokenizer)
     processes = processes_for(len(train_rows), data.num_proc)
     train = encode_rows(
         train_rows,
@@ -316,6 +399,26 @@ def process(recipe: Recipe, tokenizer, show_progress: bool | None = None) -> tup
     stats.skipped = Counter(bad.reasons)
     stats.lengths = length_percentiles([len(ids) for ids in train["input_ids"]])
     return train, evaluation, eval_rows, stats
+
+
+def check_inference_prompts(rows: list[Row], tokenizer) -> None:
+    """Pre-flight: training must render each conversation as apply_chat_template(..., add_generation_prompt=True)
+    plus the answer, or the model learns from text it never sees at inference (a template that adds a <think> opener
+    only to the generation prompt, or rewrites history). Rows the template rejects are left to the bad-row count."""
+    problems = []
+    for row in rows:
+        try:
+            problem = inference_mismatch(row, tokenizer)
+        except RowError:  # a row the template rejects is counted as bad where it is encoded
+            continue
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise UserError(
+            f"pre-flight check: {len(problems)} of {len(rows)} conversations render differently at training and at "
+            f"inference; first: {problems[0]}: use a chat template whose generation prompt is what its assistant "
+            "turns start with (model.chat_template), or the model's own"
+        )
 
 
 @contextmanager

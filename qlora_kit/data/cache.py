@@ -20,7 +20,7 @@ from qlora_kit.data.sources import Row, load_hub, local_files
 from qlora_kit.recipe import DataSection, DataSource
 
 # Bump whenever a change to the pipeline changes what it produces from the same inputs.
-PIPELINE_VERSION = "qlora-kit-data-2"
+PIPELINE_VERSION = "qlora-kit-data-3"  # 3: tools, reasoning, truncation policies
 # Options that change how (or whether) the result is stored, not the result itself.
 NOT_IN_KEY = {"cache", "cache_dir", "num_proc"}
 

@@ -60,5 +60,5 @@ def real_token_count(inputs: dict[str, torch.Tensor], pad_token_id: int | None) 
     if "attention_mask" in inputs:
         return int(inputs["attention_mask"].sum())
     ids = inputs["input_ids"]
-    # The pad token is never EOS and never produced by tokenizing text (model.ensure_pad_token).
+    # The pad token is never EOS and never produced by tokenizing text (tokenizer.ensure_pad_token).
     return int((ids != pad_token_id).sum()) if pad_token_id is not None else ids.numel()

@@ -66,6 +66,8 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
     rows.append(("held-out rows", f"{stats.eval_rows:,}"))
     if stats.skipped:
         rows.append(("bad rows skipped", ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))))
+    if any(stats.chat.values()):
+        rows.append(("tools and reasoning", ", ".join(f"{k}: {v:,}" for k, v in stats.chat.items())))
     rows.append(("duplicates dropped", f"{stats.duplicates:,}"))
     rows.append(("training examples", f"{stats.examples:,}"))
     lengths = stats.lengths
@@ -77,7 +79,8 @@ def stats_rows(prepared: PreparedData, max_length: int, batch_size: int, packing
                 f"p99 {lengths['p99']:.0f} · max {lengths['max']} (max_length {max_length})",
             )
         )
-    rows.append(("truncated", f"{stats.truncated:,}"))
+    handled = ", ".join(f"{policy}: {count:,}" for policy, count in sorted(stats.truncation.items()))
+    rows.append(("truncated", f"{stats.truncated:,}" + (f" ({handled})" if handled else "")))
     rows.append(("dropped", f"{stats.dropped_too_long:,} too long, {stats.dropped_no_target:,} with no trained token"))
     share = stats.trained_tokens / max(stats.tokens, 1)
     rows.append(("tokens trained on", f"{stats.trained_tokens:,} of {stats.tokens:,} ({share:.1%})"))

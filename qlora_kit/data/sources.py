@@ -12,7 +12,7 @@ from typing import Any
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import DataSource
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt")
 GLOB_CHARS = "*?["
 
 
@@ -108,23 +108,35 @@ def _read_local(path: Path, source: DataSource, bad: BadRows) -> list[Row]:
 
 def _read_jsonl(path: Path, bad: BadRows) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                rows.append(_as_row(json.loads(line), where))
-            except json.JSONDecodeError as exc:
-                bad.skip(RowError(where, f"not valid JSON ({exc.msg}): each line must be one object", "invalid JSON"))
-            except RowError as exc:
-                bad.skip(exc)
+    for number, line in enumerate(read_text(path).split("\n"), start=1):  # JSON text may hold a raw U+2028
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            rows.append(_as_row(json.loads(line), where))
+        except json.JSONDecodeError as exc:
+            bad.skip(RowError(where, f"not valid JSON ({exc.msg}): each line must be one object", "invalid JSON"))
+        except RowError as exc:
+            bad.skip(exc)
     return rows
+
+
+def read_text(path: Path) -> str:
+    """A data file's text; bytes that are not UTF-8 are the user's to fix, named by line and byte offset."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path} line {line}: not valid UTF-8 at byte offset {exc.start} (byte 0x{raw[exc.start]:02x}): "
+            "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
 def _read_json(path: Path, bad: BadRows) -> list[Row]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     if isinstance(data, dict):  # {"data": [...]}-style wrappers: take the first list inside
@@ -141,7 +153,7 @@ def _read_json(path: Path, bad: BadRows) -> list[Row]:
 
 
 def _read_text(path: Path, sample_by: str) -> list[Row]:
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if sample_by == "document":
         return [Row({"text": text}, str(path))] if text.strip() else []
     if sample_by == "paragraph":
@@ -156,17 +168,34 @@ def _read_text(path: Path, sample_by: str) -> list[Row]:
 
 
 def _read_table(path: Path) -> list[Row]:
-    import pyarrow.csv
     import pyarrow.parquet
 
-    is_csv = path.suffix.lower() == ".csv"
+    suffix = path.suffix.lower()
+    kind = {".csv": "CSV", ".tsv": "TSV"}.get(suffix, "Parquet")
     try:
-        table = pyarrow.csv.read_csv(path) if is_csv else pyarrow.parquet.read_table(path)
+        table = _read_delimited(path, suffix) if kind != "Parquet" else pyarrow.parquet.read_table(path)
+    except UserError:
+        raise
     except Exception as exc:  # pyarrow raises several types for malformed files
-        raise UserError(f"{path}: not a valid {'CSV' if is_csv else 'Parquet'} file: {_first_line(exc)}") from None
+        raise UserError(f"{path}: not a valid {kind} file: {_first_line(exc)}") from None
     # CSV rows are numbered as a spreadsheet shows them: the header is line 1.
-    label, offset = ("line", 2) if is_csv else ("row", 0)
+    label, offset = ("line", 2) if kind != "Parquet" else ("row", 0)
     return [Row(item, f"{path} {label} {i + offset}") for i, item in enumerate(table.to_pylist())]
+
+
+def _read_delimited(path: Path, suffix: str):
+    """A CSV/TSV file with every column read as text: a cell holding " 52" is the text " 52", not the number 52."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv
+
+    raw = read_text(path).encode("utf-8")  # checks the encoding first, naming the line of a bad byte
+    delimiter = "\t" if suffix == ".tsv" else ","
+    parse = pyarrow.csv.ParseOptions(delimiter=delimiter)
+    names = pyarrow.csv.open_csv(io.BytesIO(raw), parse_options=parse).schema.names  # the header row only
+    convert = pyarrow.csv.ConvertOptions(column_types={name: pa.string() for name in names}, strings_can_be_null=False)
+    return pyarrow.csv.read_csv(io.BytesIO(raw), parse_options=parse, convert_options=convert)
 
 
 def _as_row(item: Any, where: str) -> Row:

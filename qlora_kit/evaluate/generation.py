@@ -103,7 +103,7 @@ def generate_ids(
     Prompts are sorted by length so each batch holds similar lengths and little compute goes to padding; results
     come back in the prompts' order.
     """
-    from qlora_kit.model import end_of_turn_ids
+    from qlora_kit.tokenizer import end_of_turn_ids
 
     model.eval()
     device = next(model.parameters()).device

@@ -18,6 +18,8 @@ import torch
 
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
+from qlora_kit import tracking
 from qlora_kit.data import preference as pref_data
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import harness, report
@@ -64,17 +66,6 @@ def adapter_of_run(run_dir: Path) -> Path:
     adapter = require_run(run_dir)
     model_stage.check_adapter_files(adapter)
     return adapter
-
-
-def load_tokenizer(adapter_dir: Path):
-    """The tokenizer saved with the adapter: the pad token and chat template training used, byte for byte."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    model_stage.ensure_pad_token(tokenizer)
-    if not tokenizer.chat_template:
-        model_stage.set_chat_template(tokenizer, None)
-    return tokenizer
 
 
 def eval_work(recipe: Recipe, tokenizer) -> EvalWork:
@@ -222,7 +213,7 @@ def run_eval(
     # Everything that can be wrong with the request is checked before the first model loads.
     metrics = load_metrics(recipe.eval.metrics)
     manager = harness.task_manager(recipe.eval.lm_eval) if recipe.eval.lm_eval.tasks else None
-    tokenizer = load_tokenizer(adapter_dir)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe, saved=adapter_dir)
     work = eval_work(recipe, tokenizer)
     log(
         f"held-out: {len(work.dataset) if work.dataset is not None else 0} examples scored, "
@@ -250,6 +241,7 @@ def run_eval(
         full["examples"]["lm_eval"] = runner.task_counts
     samples = report.sample_rows(work.prompts, work.references, runner.outputs) if work.prompts else []
     paths = report.write_report(full, samples, run_dir)
+    tracking.log_to_run(run_dir, recipe, paths, "eval")  # into the run's MLflow run, when it reports to mlflow
     return EvalResult(full, samples, paths)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.errors import UserError, first_line
 from qlora_kit.recipe import Recipe
 from qlora_kit.resolve import DTYPES, resolve
@@ -27,7 +28,7 @@ def locate_checkpoint(recipe: Recipe) -> Path:
     path = Path(name).expanduser()
     if path.is_dir():
         return path
-    model_stage.check_model_path(recipe)
+    tokenizer_rules.check_model_path(recipe)
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]

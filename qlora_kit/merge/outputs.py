@@ -8,8 +8,8 @@ from typing import Any
 import torch
 import yaml
 
-from qlora_kit.model import end_of_turn_ids
 from qlora_kit.recipe import Recipe, resolved_dict, to_yaml
+from qlora_kit.tokenizer import end_of_turn_ids
 
 
 def write_config(config, folder: Path, dtype: torch.dtype, vocab_rows: int, tied: bool, tokenizer) -> None:
