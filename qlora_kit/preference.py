@@ -23,6 +23,7 @@ from trl import DPOTrainer, KTOTrainer
 
 from qlora_kit import checkpoints, launch, rundir
 from qlora_kit import model as model_stage
+from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit import train as train_stage
 from qlora_kit.data import preference as pref_data
 from qlora_kit.errors import UserError
@@ -212,8 +213,8 @@ def train(
     staging = rundir.staging_dir_for(run_dir)
     set_seed(training_args(recipe)["seed"])
 
-    tokenizer = model_stage.load_tokenizer(recipe)
-    launch.check_pad_token(tokenizer)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    tokenizer_rules.check_pad_token(tokenizer)
     data = pref_data.build(recipe, tokenizer)
     show("preference_data", data.stats.as_dict())
     config = preference_config(recipe, staging, data.eval is not None, resolved)

@@ -104,7 +104,7 @@ def test_training_is_checked_against_the_methods_trl_config():
 
 def build(tmp_path, tiny_model_dir, rows, method="dpo", **data):
     from qlora_kit.data import preference
-    from qlora_kit.model import load_tokenizer
+    from qlora_kit.tokenizer import load_tokenizer
 
     raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2])
     raw["data"].update(data)
@@ -231,8 +231,8 @@ def test_reference_is_the_adapter_disabled_base_with_no_second_model(tmp_path, t
 
     from qlora_kit import preference
     from qlora_kit.data import preference as pref_data
-    from qlora_kit.model import load_tokenizer
     from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
 
     rows = sum_pairs(8)
     recipe = load_recipe(write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows)))
@@ -263,8 +263,9 @@ def test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen(tmp_p
 
     from qlora_kit import preference
     from qlora_kit.data import preference as pref_data
-    from qlora_kit.model import attach_lora, load_base_model, load_tokenizer
+    from qlora_kit.model import attach_lora, load_base_model
     from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
 
     rows = sum_pairs(8)
     raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows)
