@@ -163,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.rule(f"qlora-kit train · {args.recipe}")
         model, run = recipe.model.name_or_path, recipe.output_dir
         console.print(f"model [bold]{model}[/bold] → run directory [bold]{run}[/bold]")
+    if recipe.method != "sft":
+        from qlora_kit.preference import train
     result = train(
         recipe,
         Path(recipe.output_dir),
@@ -186,6 +188,11 @@ def cmd_data(args: argparse.Namespace) -> int:
     console = _console()
     plain = args.plain or not console.is_terminal
     tokenizer = load_tokenizer(recipe)
+    if recipe.method != "sft":
+        from qlora_kit.data import preference
+
+        preference.show(console, tokenizer, preference.build(recipe, tokenizer), args.examples, plain)
+        return 0
     prepared = build_datasets(recipe, tokenizer, show_progress=console.is_terminal)
     preview.show_examples(console, tokenizer, prepared, args.examples, plain)
     training = training_args(recipe)

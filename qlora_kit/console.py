@@ -31,6 +31,33 @@ class TrainProgress:
             + (f"; packing efficiency {stats['packing']['efficiency']:.0%}" if stats.get("packing") else "")
         )
 
+    def on_preference_data(self, stats: dict[str, Any]) -> None:
+        formats = ", ".join(f"{k}: {v}" for k, v in stats["formats"].items())
+        self.console.print(
+            f"data: {stats['rows']} training and {stats['eval_rows']} held-out examples ({formats}), "
+            f"{stats['prompt_tokens']:,} prompt and {stats['answer_tokens']:,} answer tokens; truncated "
+            f"{stats['truncated']}, dropped {stats['dropped']}"
+        )
+
+    def on_preference_done(self, metrics: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        self.console.print(
+            f"{metrics['method']}: {metrics['steps']} steps in {metrics['train_runtime_s']:.1f}s, loss "
+            f"{metrics['train_loss_first']:.3f} → {metrics['train_loss_last']:.3f}, peak memory "
+            f"{metrics['peak_memory_bytes'] / 2**20:.0f} MiB; reference: {metrics['reference']}"
+        )
+        comparison = metrics.get("preference_comparison") or {}
+        if comparison:
+            table = Table(title="held-out pairs")
+            table.add_column("metric")
+            for name in comparison:
+                table.add_column(name, justify="right")
+            for key in dict.fromkeys(k for values in comparison.values() for k in values):
+                table.add_row(key, *(_cell(values.get(key)) for values in comparison.values()))
+            self.console.print(table)
+        self.console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json beside it)")
+
     def on_model(self, info: dict[str, Any]) -> None:
         self.console.print(
             f"model: {info['total']:,} parameters, {info['trainable']:,} trainable LoRA "
@@ -68,6 +95,10 @@ class TrainProgress:
                 samples.add_row(sample["prompt"][-80:], sample["reference"], sample["base"], sample["tuned"])
             console.print(samples)
         console.print(f"adapter: [bold]{metrics['run_dir']}/adapter[/bold]  (metrics.json, loss_curve.png beside it)")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 class EvalProgress:

@@ -542,6 +542,41 @@ def write_task_dataset(data_dir: str | os.PathLike, seed: int = DEFAULT_SEED) ->
     return train_rows, eval_rows
 
 
+def _wrong_number(rng: random.Random, answer: str) -> str:
+    """A near miss: the right number moved by 1 or 2, never negative (the mistakes a small model actually makes)."""
+    value = int(answer)
+    return str(rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]))
+
+
+def preference_rows(rows: Sequence[dict], seed: int = DEFAULT_SEED) -> list[dict]:
+    """Preference pairs from the numeric chat rows (addition, successor): the right answer chosen over a near miss."""
+    rng = random.Random(seed)
+    pairs = []
+    for row in rows:
+        *prompt, answer = row["messages"]
+        if not answer["content"].isdigit():
+            continue
+        wrong = _wrong_number(rng, answer["content"])
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer["content"]}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return pairs
+
+
+def write_preference_dataset(data_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> tuple[list[dict], list[dict]]:
+    """Writes ``preference_train.jsonl`` and ``preference_eval.jsonl``: pairs on the same fact split as the chat task,
+    so no held-out question is trained on."""
+    train_rows, eval_rows = generate_task_rows(seed)
+    train_pairs, eval_pairs = preference_rows(train_rows, seed), preference_rows(eval_rows, seed + 1)
+    write_jsonl(train_pairs, Path(data_dir) / "preference_train.jsonl")
+    write_jsonl(eval_pairs, Path(data_dir) / "preference_eval.jsonl")
+    return train_pairs, eval_pairs
+
+
 def build_model(
     output_dir: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
@@ -590,6 +625,7 @@ def build_model(
     (output_dir / "README.md").write_text(_model_card(model, stats), encoding="utf-8")
     if data_dir is not None:
         write_task_dataset(data_dir, seed)
+        write_preference_dataset(data_dir, seed)
     print(f"saved to {output_dir} in {time.perf_counter() - start:.1f}s")
     return model
 
@@ -604,7 +640,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--num-docs", type=int, default=DEFAULT_NUM_DOCS)
+    parser.add_argument(
+        "--preference-only", action="store_true", help="only write the preference pairs into --data-dir"
+    )
     args = parser.parse_args(argv)
+    if args.preference_only:
+        write_preference_dataset(args.data_dir, seed=args.seed)
+        return
     build_model(args.output, args.data_dir, seed=args.seed, steps=args.steps, batch_size=args.batch_size,
                 lr=args.lr, num_docs=args.num_docs)  # fmt: skip
 

@@ -189,7 +189,19 @@ def lora_config(recipe: Recipe):
 
 def attach_lora(model, recipe: Recipe, resolved: Resolved | None = None):
     """Prepare a k-bit model for training and wrap it with fresh LoRA adapters."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
+
+    model = prepare_for_training(model, recipe, resolved)
+    check_target_modules(model, recipe.lora.target_modules)
+    try:
+        return get_peft_model(model, lora_config(recipe))
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {first_line(exc)}") from None
+
+
+def prepare_for_training(model, recipe: Recipe, resolved: Resolved | None = None):
+    """peft's k-bit preparation (input gradients, checkpointing), keeping frozen weights in bf16 under bf16 compute."""
+    from peft import prepare_model_for_kbit_training
 
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         gradient_checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
@@ -200,11 +212,7 @@ def attach_lora(model, recipe: Recipe, resolved: Resolved | None = None):
         )
         if (resolved or resolve(recipe)).compute_dtype == torch.bfloat16:
             keep_frozen_weights_in_bf16(model)
-    check_target_modules(model, recipe.lora.target_modules)
-    try:
-        return get_peft_model(model, lora_config(recipe))
-    except ValueError as exc:
-        raise UserError(f"lora.target_modules: {first_line(exc)}") from None
+    return model
 
 
 def linear_module_names(model) -> list[str]:

@@ -429,7 +429,7 @@ def settings_from_recipe(recipe, machine: Machine, shape: Shape) -> Settings:
         targets=lora_targets(recipe.lora.target_modules, shape),
         lora_dropout=recipe.lora.lora_dropout,
         optim=resolved.optim,
-        batch_size=int(args["per_device_train_batch_size"]),
+        batch_size=int(args["per_device_train_batch_size"]) * SEQUENCES_PER_EXAMPLE[recipe.method],
         length=recipe.data.max_length,
         gradient_checkpointing=bool(args.get("gradient_checkpointing", True)),
         attn_implementation=resolved.attn_implementation,
@@ -449,6 +449,11 @@ def parse_memory(text: str) -> int:
     return int(number * base**power)
 
 
+# Sequences one training example puts through the model with gradients: a pair's chosen and rejected answers run as
+# one batch (DPO, ORPO, SimPO); KTO adds its mismatched KL completions. The reference pass of DPO and KTO runs without
+# gradients, so it keeps no activations.
+SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "orpo": 2, "simpo": 2, "kto": 2}
+
 # Left free for the CUDA context, cuBLAS workspaces and allocator fragmentation, none of which is in the breakdown.
 HEADROOM_BYTES = GIB
 
@@ -466,6 +471,11 @@ def plan_recipe(recipe, budget_bytes: int | None = None, machine: Machine | None
     settings = settings_from_recipe(recipe, machine, shape)
     result = predict(shape, settings)
     result.notes.append(f"config from {source}; compute {settings.compute_bytes * 8}-bit, optimizer {settings.optim}")
+    if recipe.method != "sft":
+        result.notes.append(
+            f"{recipe.method}: {SEQUENCES_PER_EXAMPLE[recipe.method]} sequences per example, so batch "
+            f"{settings.batch_size} is per_device_train_batch_size x {SEQUENCES_PER_EXAMPLE[recipe.method]}"
+        )
     if budget_bytes is not None:
         result.budget_bytes = budget_bytes - HEADROOM_BYTES
         if not result.fits:

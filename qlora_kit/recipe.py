@@ -25,7 +25,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from qlora_kit.errors import UserError
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
-DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+DataFormat = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired"]
+Method = Literal["sft", "dpo", "orpo", "kto", "simpo"]
+
+# The trl config each method's ``training`` section is checked against (SimPO is trl's CPO with the SimPO loss).
+METHOD_CONFIGS = {
+    "sft": ("trl", "SFTConfig"),
+    "dpo": ("trl", "DPOConfig"),
+    "kto": ("trl", "KTOConfig"),
+    "orpo": ("trl.experimental.orpo", "ORPOConfig"),
+    "simpo": ("trl.experimental.cpo", "CPOConfig"),
+}
 
 # SFTConfig fields that another section of the recipe owns, and where to set them instead.
 OWNED_TRAINING_FIELDS = {
@@ -41,6 +51,19 @@ OWNED_TRAINING_FIELDS = {
     "eos_token": "model.chat_template (EOS ends every example automatically)",
     "pad_token": "nothing: qlora-kit picks a pad token that is not EOS",
 }
+
+# Fields of the preference configs that qlora-kit's own tokenization owns (it renders and truncates every pair).
+OWNED_PREFERENCE_FIELDS = {
+    "truncation_mode": "nothing: qlora-kit truncates the prompt from the left first, then the answers' ends",
+    "max_completion_length": "data.max_length (the prompt is cut first, then the answers)",
+    "padding_free": "nothing: preference batches are padded",
+    "padding_value": "nothing: qlora-kit picks a pad token that is not EOS",
+    "is_encoder_decoder": "nothing: qlora-kit trains causal LMs",
+    "dataset_num_proc": "data.num_proc",
+}
+
+# Fields whose value a method fixes: SimPO is CPO with the SimPO loss and no behaviour-cloning term.
+METHOD_FIXED = {"simpo": {"loss_type": "simpo", "cpo_alpha": 0.0}}
 
 # Defaults qlora-kit sets where SFTConfig's own suit full fine-tuning rather than QLoRA; the recipe can override each.
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -63,6 +86,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "tensorboard",
     "seed": 42,
 }
+
+# Preference methods take qlora-kit's defaults except these: no packing (pairs stay whole) and a learning rate suited
+# to LoRA under a KL-style objective (trl's 1e-6 is for full fine-tuning; 2e-4 overshoots).
+PREFERENCE_DEFAULTS: dict[str, Any] = {"learning_rate": 5e-5}
+PREFERENCE_DROPPED = ("packing",)
 
 SECRET_WORDS = ("token", "secret", "password", "apikey", "api_key", "access_key")
 
@@ -104,6 +132,12 @@ class ModelSection(Section):
         description="Chat template: a name shipped with qlora-kit (e.g. chatml), a path to a .jinja file, or empty "
         "for "
         "the tokenizer's own (ChatML when it has none).",
+    )
+    adapter: str | None = Field(
+        None,
+        description="Preference methods: a PEFT adapter to train further instead of a fresh one (a run directory "
+        "such as runs/sft, or an adapter folder); its frozen copy is the reference model. The lora section is then "
+        "the adapter's own.",
     )
 
 
@@ -149,7 +183,11 @@ class DataSource(Section):
     path: str = Field(
         description="Local file (.jsonl, .json, .csv, .parquet, .txt), directory or glob of them, or hub dataset id."
     )
-    format: DataFormat = Field("auto", description="Row format; auto detects it from the columns and says which.")
+    format: DataFormat = Field(
+        "auto",
+        description="Row format; auto detects it from the columns and says which. Preference methods read "
+        "preference (prompt/chosen/rejected) or, for kto, unpaired (prompt/completion/label).",
+    )
     split: str = Field("train", description="Split to read from a hub dataset.")
     name: str | None = Field(None, description="Hub dataset config name.")
     revision: str | None = Field(None, description="Hub dataset revision (a commit makes the cache key exact).")
@@ -404,52 +442,114 @@ class ExportSection(Section):
 
 
 class Recipe(Section):
+    method: Method = Field(
+        "sft",
+        description="sft (supervised, trl's SFTTrainer), or a preference method on chosen/rejected data: dpo "
+        "(DPOTrainer, any of its loss_type variants), orpo (ORPOTrainer), kto (KTOTrainer, unpaired data), simpo "
+        "(CPOTrainer with loss_type simpo).",
+    )
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
-    training: dict[str, Any] = Field(default_factory=dict, description="Any field of trl's SFTConfig.")
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any field of the method's trl config: SFTConfig (sft), DPOConfig (dpo), ORPOConfig (orpo), "
+        "KTOConfig (kto), CPOConfig (simpo), e.g. beta and loss_type.",
+    )
     eval: EvalSection = Field(default_factory=EvalSection)
     launch: LaunchSection = Field(default_factory=LaunchSection)
     merge: MergeSection = Field(default_factory=MergeSection)
     export: ExportSection = Field(default_factory=ExportSection)
     output_dir: str | None = Field(None, description="Run directory; default runs/<recipe name>.")
 
+    @model_validator(mode="after")
+    def _adapter_needs_preference(self) -> Recipe:
+        if self.model.adapter is not None and self.method == "sft":
+            raise ValueError(
+                "model.adapter: training an existing adapter further is for preference methods: set method (dpo, "
+                "orpo, kto, simpo) or remove model.adapter"
+            )
+        return self
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The training section: checked against SFTConfig's real fields and types.
 
 
-@functools.cache
-def _sft_field_model() -> type[BaseModel]:
-    """A pydantic model with one optional field per SFTConfig init field, typed as SFTConfig declares it."""
-    from trl import SFTConfig
+def config_class(method: str = "sft") -> type:
+    """trl's config class for ``method`` (imported on first use: ORPO and CPO live in trl.experimental)."""
+    import importlib
 
-    hints = typing.get_type_hints(SFTConfig)
-    fields = {f.name: (typing.Optional[hints.get(f.name, Any)], None) for f in dataclasses.fields(SFTConfig) if f.init}  # noqa: UP045
-    return create_model("SFTFields", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields)
+    module, name = METHOD_CONFIGS[method]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trl.experimental announces itself on import
+        return getattr(importlib.import_module(module), name)
+
+
+@functools.cache
+def _field_model(method: str = "sft") -> type[BaseModel]:
+    """A pydantic model with one optional field per init field of the method's trl config, typed as it declares."""
+    config = config_class(method)
+    hints = typing.get_type_hints(config)
+    fields = {f.name: (typing.Optional[hints.get(f.name, Any)], None) for f in dataclasses.fields(config) if f.init}  # noqa: UP045
+    return create_model(
+        f"{config.__name__}Fields", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
+    )
+
+
+def _sft_field_model() -> type[BaseModel]:
+    return _field_model("sft")
 
 
 def sft_field_names() -> list[str]:
-    return sorted(_sft_field_model().model_fields)
+    return field_names("sft")
 
 
-def _check_training(training: Any) -> list[str]:
+def field_names(method: str = "sft") -> list[str]:
+    return sorted(_field_model(method).model_fields)
+
+
+def owned_fields(method: str = "sft") -> dict[str, str]:
+    """Config fields another part of the recipe owns, and where to set them, for ``method``."""
+    return OWNED_TRAINING_FIELDS if method == "sft" else {**OWNED_TRAINING_FIELDS, **OWNED_PREFERENCE_FIELDS}
+
+
+def method_defaults(method: str = "sft") -> dict[str, Any]:
+    """qlora-kit's training defaults for ``method``."""
+    if method == "sft":
+        return dict(TRAINING_DEFAULTS)
+    kept = {k: v for k, v in TRAINING_DEFAULTS.items() if k not in PREFERENCE_DROPPED}
+    return {**kept, **PREFERENCE_DEFAULTS, **METHOD_FIXED.get(method, {})}
+
+
+def _check_fixed(training: dict[str, Any], method: str) -> list[str]:
+    fixed = METHOD_FIXED.get(method, {})
+    return [
+        f"training.{key}: method {method} fixes it to {value!r}; remove the key (or choose another method)"
+        for key, value in fixed.items()
+        if key in training and training[key] != value
+    ]
+
+
+def _check_training(training: Any, method: str = "sft") -> list[str]:
+    config_name = METHOD_CONFIGS[method][1]
     if not isinstance(training, dict):
-        return [f"training: expected a mapping of SFTConfig fields, got {type(training).__name__}"]
+        return [f"training: expected a mapping of {config_name} fields, got {type(training).__name__}"]
     problems = []
-    names = sft_field_names()
+    names, owned = field_names(method), owned_fields(method)
     for key in training:
-        if key in OWNED_TRAINING_FIELDS:
-            problems.append(f"training.{key}: set it in {OWNED_TRAINING_FIELDS[key]} instead")
+        if key in owned:
+            problems.append(f"training.{key}: set it in {owned[key]} instead")
         elif key not in names:
-            problems.append(f"training.{key}: not a field of trl's SFTConfig{_suggest(key, names)}")
-    known = {k: v for k, v in training.items() if k in names and k not in OWNED_TRAINING_FIELDS}
+            problems.append(f"training.{key}: not a field of trl's {config_name}{_suggest(key, names)}")
+    problems += _check_fixed(training, method)
+    known = {k: v for k, v in training.items() if k in names and k not in owned}
     try:
-        _sft_field_model()(**known)
+        _field_model(method)(**known)
     except ValidationError as exc:
-        problems += [_format_error(err, prefix="training") for err in exc.errors()]
-    merged = {**TRAINING_DEFAULTS, **known}
+        problems += [_format_error(err, prefix="training", method=method) for err in exc.errors()]
+    merged = {**method_defaults(method), **known}
     positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
     intervals = [f"{kind}_steps" for kind in ("logging", "save", "eval") if merged.get(f"{kind}_strategy") == "steps"]
     for key in (*positive, *intervals):
@@ -458,7 +558,7 @@ def _check_training(training: Any) -> list[str]:
             problems.append(f"training.{key}: must be > 0, got {value}")
     problems += _check_numbers(known)
     if not problems:
-        problems += _check_steps(merged) or trainer_config_problems(merged)
+        problems += _check_steps(merged) or trainer_config_problems(merged, method=method)
     if merged.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         problems.append(
             "training.use_liger_kernel: the Liger kernels are not installed: pip install 'qlora-kit[liger]' "
@@ -490,16 +590,15 @@ def _check_steps(training: dict[str, Any]) -> list[str]:
 MACHINE_SPECIFIC = ("doesn't support bf16/gpu", "requires a GPU", "requires CUDA", "CUDA", "NPU", "XPU")
 
 
-def trainer_config_problems(training: dict[str, Any], on_cpu: bool = True) -> list[str]:
-    """Build trl's SFTConfig from ``training`` and report what its own validation rejects, named by recipe key."""
-    from trl import SFTConfig
-
+def trainer_config_problems(training: dict[str, Any], on_cpu: bool = True, method: str = "sft") -> list[str]:
+    """Build the method's trl config from ``training`` and report what its own validation rejects, by recipe key."""
+    config = config_class(method)
     args = {key: value for key, value in training.items() if key not in ("report_to",)}
     args.setdefault("use_cpu", on_cpu)
     with tempfile.TemporaryDirectory() as scratch, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # only its errors matter here; training shows its warnings once
         try:
-            SFTConfig(output_dir=scratch, report_to="none", **args)
+            config(output_dir=scratch, report_to="none", **args)
         except (ValueError, TypeError) as exc:
             message = str(exc).strip().replace("\n", " ")
             if on_cpu and any(word in message for word in MACHINE_SPECIFIC):
@@ -636,7 +735,8 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         problems += [_format_error(err, raw=raw) for err in exc.errors()]
-    problems += _check_training(raw.get("training", {}) or {})
+    method = raw.get("method", "sft")
+    problems += _check_training(raw.get("training", {}) or {}, method if method in METHOD_CONFIGS else "sft")
     if problems:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise UserError(f"{source} has {count}: " + "; ".join(problems))
@@ -654,8 +754,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 
 
 def training_args(recipe: Recipe) -> dict[str, Any]:
-    """The SFTConfig keyword arguments: qlora-kit's defaults under the recipe's own fields."""
-    return {**TRAINING_DEFAULTS, **recipe.training}
+    """The trl config's keyword arguments: qlora-kit's defaults for the method under the recipe's own fields."""
+    return {**method_defaults(recipe.method), **recipe.training}
 
 
 def resolved_dict(recipe: Recipe) -> dict[str, Any]:
@@ -709,14 +809,14 @@ def _valid_keys(model: type[BaseModel], raw: Any, loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _format_error(err: dict[str, Any], prefix: str = "", raw: Any = None) -> str:
+def _format_error(err: dict[str, Any], prefix: str = "", raw: Any = None, method: str = "sft") -> str:
     loc = tuple(err["loc"])
     # pydantic appends the union branch or validator name to some locations; keep only real keys.
     loc = tuple(p for p in loc if isinstance(p, int) or not (p.startswith(("function-", "literal[")) or "[" in p))
     key = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc) or prefix or "recipe"
     kind = err["type"]
     if kind == "extra_forbidden":
-        names = _valid_keys(Recipe, raw, loc) if not prefix else sft_field_names()
+        names = _valid_keys(Recipe, raw, loc) if not prefix else field_names(method)
         return f"{key}: unknown key{_suggest(str(loc[-1]), names)}"
     if kind == "missing":
         return f"{key}: required but missing"

@@ -362,7 +362,7 @@ def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, ch
     """Train, save the adapter (every rank), and on the main process write the outputs, log them and publish."""
     staging = rundir.staging_dir_for(run_dir)
     started = time.perf_counter()
-    result = _run_training(trainer, checkpoint, staging)
+    result = run_training(trainer, checkpoint, staging)
     runtime = time.perf_counter() - started
     metrics = training_metrics(trainer, runtime, result.training_loss if result else None)
     metrics["data"] = prepared.stats.as_dict()
@@ -382,7 +382,7 @@ def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, ch
     return metrics
 
 
-def _run_training(trainer, checkpoint: Path | None, staging: Path):
+def run_training(trainer, checkpoint: Path | None, staging: Path):
     """Train (from the checkpoint when given); on SIGTERM/SIGINT save a checkpoint and raise TrainingStopped."""
     stopper = checkpoints.StopOnSignal(trainer)
     trainer.add_callback(stopper)

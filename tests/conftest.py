@@ -34,6 +34,7 @@ SLOW_FILES = {
     "test_demo_loss.py",
     "test_tracking.py",
     "test_cli_errors.py",  # each case starts a fresh interpreter
+    "test_preference.py",
 }
 SLOW_TESTS = {
     "test_ddp_on_two_cpu_processes_matches_one_process",

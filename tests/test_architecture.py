@@ -28,6 +28,7 @@ LAYERS = {
     "merge": 7,
     "export": 8,
     "bench": 8,
+    "preference": 8,
     "demo_model": 8,
     "docs": 9,
     "console": 9,

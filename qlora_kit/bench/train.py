@@ -161,11 +161,17 @@ def bench_train(
     recipe_path: str, overrides: list[str], warmup: int, steps: int, baseline: bool, progress=None
 ) -> dict[str, Any]:
     """Run the toolkit side (and the plain trl baseline) in child processes; return the combined report."""
+    from qlora_kit.errors import UserError
     from qlora_kit.plan import plan_recipe
     from qlora_kit.recipe import load_recipe
 
     show = progress or (lambda message: None)
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.method != "sft":
+        raise UserError(
+            f"method: bench train measures SFT steps, not {recipe.method}: run python benchmarks/preference.py for "
+            "qlora-kit DPO beside plain trl, or bench this recipe with method=sft"
+        )
     built = materialize_architecture(recipe)
     if built is not None:
         overrides = [*overrides, f"model.name_or_path={built}"]

@@ -16,7 +16,7 @@ from qlora_kit.evaluate.generation import normalize
 from qlora_kit.rundir import fresh_staging, publish_files
 
 REPORT_FILES = ("eval.json", "eval.md", "eval.png", "samples.jsonl")
-LOWER_IS_BETTER = ("eval_loss", "perplexity")
+LOWER_IS_BETTER = ("eval_loss", "perplexity", "logp_rejected")
 
 
 def check_outputs(run_dir: Path, force: bool) -> None:

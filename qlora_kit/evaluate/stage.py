@@ -20,8 +20,10 @@ from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit import tracking
+from qlora_kit.data import preference as pref_data
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import harness, report
+from qlora_kit.evaluate import preference as pref_eval
 from qlora_kit.evaluate.generation import GenerationSettings, generate, heldout_loss, perplexity
 from qlora_kit.evaluate.scoring import load_metrics, score
 from qlora_kit.recipe import Recipe, load_recipe
@@ -45,6 +47,7 @@ class EvalWork:
     prompts: list[str]
     references: list[str]
     source: str
+    pairs: Any = None  # preference runs: tokenized held-out pairs (prompt_ids, chosen_ids, rejected_ids)
 
 
 @dataclass
@@ -70,6 +73,8 @@ def eval_work(recipe: Recipe, tokenizer) -> EvalWork:
     data = recipe.data
     if data.eval is None and data.eval_split is None:
         raise UserError("the recipe has no held-out data: set data.eval.path=FILE (or data.eval_split) as an override")
+    if recipe.method != "sft":
+        return preference_work(recipe, tokenizer)
     if data.eval is not None:
         rows = data_stage.read_formatted(data.eval, "data.eval")
         source = data.eval.path
@@ -85,6 +90,46 @@ def eval_work(recipe: Recipe, tokenizer) -> EvalWork:
 
     dataset = datasets.Dataset.from_dict(encoded) if encoded["input_ids"] else None
     return EvalWork(dataset, [p for p, _ in pairs], [r for _, r in pairs], source)
+
+
+def preference_work(recipe: Recipe, tokenizer) -> EvalWork:
+    """Held-out preference pairs: scored by log-probability, and their prompts answered (reference: chosen)."""
+    import datasets
+
+    stats, bad = pref_data.PreferenceStats(), data_stage.BadRows(recipe.data.max_bad_rows)
+    _, rows = pref_data.collect(recipe, bad, stats)
+    rows = [row for row in rows if row.fmt == "preference"][: recipe.eval.max_examples]
+    if not rows:
+        raise UserError("held-out data: preference metrics need paired rows (prompt, chosen, rejected)")
+    encoded = pref_data.encode_rows(rows, tokenizer, recipe, stats, bad)
+    prompts = [pref_data.render(tokenizer, row.data["prompt"], row.data["chosen"])[0] for row in rows]
+    references = [pref_data.answer_text(row.data["chosen"]) for row in rows]
+    source = recipe.data.eval.path if recipe.data.eval else f"{recipe.data.eval_split:.0%} of data.train"
+    return EvalWork(None, prompts, references, source, datasets.Dataset.from_list(encoded))
+
+
+@contextmanager
+def starting_adapter(tuned, recipe: Recipe) -> Iterator[None]:
+    """The adapter a preference run started from (``model.adapter``), active on the same base for the duration."""
+    folder = Path(recipe.model.adapter)
+    folder = folder / "adapter" if (folder / "adapter").is_dir() else folder
+    model_stage.check_adapter_files(folder)
+    tuned.load_adapter(str(folder), adapter_name="reference")
+    tuned.set_adapter("reference")
+    try:
+        yield
+    finally:
+        tuned.set_adapter("default")
+        tuned.delete_adapter("reference")
+
+
+def reference_logps(tuned, recipe: Recipe, work: EvalWork, tokenizer) -> tuple[list[float], list[float]] | None:
+    """Log-probabilities of the run's reference on the held-out pairs: the starting adapter, else the base."""
+    if work.pairs is None:
+        return None
+    args = (tokenizer.pad_token_id, recipe.eval.batch_size)
+    with starting_adapter(tuned, recipe) if recipe.model.adapter else tuned.disable_adapter():
+        return pref_eval.pair_logps(tuned, work.pairs, *args)
 
 
 def load_merged(recipe: Recipe, merged_dir: Path):
@@ -113,10 +158,16 @@ def _no_progress(_description: str, _total: int) -> Callable[[int], None]:
 
 
 def measure(
-    model, tokenizer, work: EvalWork, recipe: Recipe, metrics, progress: ProgressFactory, name: str
+    model, tokenizer, work: EvalWork, recipe: Recipe, metrics, progress: ProgressFactory, name: str, reference=None
 ) -> tuple[dict[str, float], list[str]]:
-    """Loss, perplexity and generation metrics of one model on the held-out work; also its answers."""
+    """Loss, perplexity and generation metrics of one model on the held-out work; also its answers. For preference
+    pairs, the log-probabilities of chosen and rejected and, given the reference's, the implicit rewards."""
     values: dict[str, float] = {}
+    if work.pairs is not None:
+        logps = pref_eval.pair_logps(model, work.pairs, tokenizer.pad_token_id, recipe.eval.batch_size)
+        beta = float(recipe.training.get("beta", 0.1))
+        found = pref_eval.metrics(*logps, reference, beta)
+        values.update({k: v for k, v in found.items() if k != "pairs"})
     if work.dataset is not None:
         advance = progress(f"{name}: loss", len(work.dataset))
         loss = heldout_loss(model, work.dataset, tokenizer.pad_token_id, recipe.eval.batch_size, advance=advance)
@@ -171,9 +222,13 @@ def run_eval(
 
     runner = _Runner(recipe, tokenizer, work, metrics, manager, progress or _no_progress, log)
     tuned = model_stage.load_adapter_model(recipe, adapter_dir, tokenizer)
+    runner.reference = reference_logps(tuned, recipe, work, tokenizer)
     for name in ("base", "tuned"):
         with _as(tuned, name):
             runner.run(name, tuned)
+    if recipe.model.adapter and work.pairs is not None:
+        with starting_adapter(tuned, recipe):  # the model the preference run started from, e.g. the SFT run
+            runner.run("reference", tuned)
     del tuned
     if (merged_dir / "config.json").is_file():
         log(f"merged model: {merged_dir}")
@@ -204,11 +259,15 @@ class _Runner:
     results: dict[str, dict[str, float]] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
     task_counts: dict[str, int] = field(default_factory=dict)
+    reference: Any = None  # the reference's (chosen, rejected) log-probabilities, for preference runs
 
     def run(self, name: str, model) -> None:
+        # The base is the reference itself unless the run started from an adapter: no rewards against itself.
+        own = name == "reference" or (name == "base" and not self.recipe.model.adapter)
         values, self.outputs[name] = measure(
-            model, self.tokenizer, self.work, self.recipe, self.metrics, self.progress, name
-        )
+            model, self.tokenizer, self.work, self.recipe, self.metrics, self.progress, name,
+            None if own else self.reference,
+        )  # fmt: skip
         if self.manager is not None:
             values.update(self._benchmarks(name, model))
         self.results[name] = values
@@ -236,11 +295,16 @@ def build_report(
         "models": {
             "base": f"{recipe.model.name_or_path} ({_quantization(recipe)})",
             "tuned": f"base + adapter {run_dir / 'adapter'}",
+            **({"reference": f"base + starting adapter {recipe.model.adapter}"} if "reference" in results else {}),
             **({"merged": str(merged_dir)} if merged_dir else {}),
         },
         "metrics": results,
         "deltas": report.deltas(results),
-        "examples": {"loss": len(work.dataset) if work.dataset is not None else 0, "generation": len(work.prompts)},
+        "examples": {
+            "loss": len(work.dataset) if work.dataset is not None else 0,
+            "generation": len(work.prompts),
+            **({"preference_pairs": len(work.pairs)} if work.pairs is not None else {}),
+        },
         "settings": {
             "eval_data": work.source,
             "generation_mode": "sampling" if settings.do_sample else "greedy",

@@ -41,6 +41,8 @@ class VerificationSet:
 def verification_set(recipe: Recipe, tokenizer) -> VerificationSet:
     """The run's held-out examples (or, without any, its first training examples) tokenized as training did."""
     merge = recipe.merge
+    if recipe.method != "sft":
+        return preference_verification_set(recipe, tokenizer)
     try:
         prepared = data_stage.build_datasets(recipe, tokenizer)
     except UserError as exc:
@@ -53,6 +55,24 @@ def verification_set(recipe: Recipe, tokenizer) -> VerificationSet:
     examples = list(zip(dataset["input_ids"], dataset["labels"], strict=True))[: merge.verify_examples]
     prompts = [p for p, _ in data_stage.eval_prompts(prepared.eval_rows, tokenizer, merge.verify_generations)]
     return VerificationSet(examples, prompts, source, prepared.eval)
+
+
+def preference_verification_set(recipe: Recipe, tokenizer) -> VerificationSet:
+    """For a preference run: prompt + preferred answer (chosen, or KTO's completion) scored on the answer, and the
+    prompts generated from. No SFT loss was recorded at training time, so the base check is skipped."""
+    from qlora_kit.data import preference as pref_data
+
+    data = pref_data.build(recipe, tokenizer)
+    dataset, rows = (data.eval, data.eval_rows) if data.eval is not None else (data.train, data.train_rows)
+    side = "chosen_ids" if "chosen_ids" in dataset.column_names else "completion_ids"
+    examples = [
+        (prompt + answer, [data_stage.IGNORE_INDEX] * len(prompt) + answer)
+        for prompt, answer in zip(dataset["prompt_ids"], dataset[side], strict=True)
+    ][: recipe.merge.verify_examples]
+    answers = [row.data.get("chosen", row.data.get("completion")) for row in rows[: recipe.merge.verify_generations]]
+    prompts = [pref_data.render(tokenizer, row.data["prompt"], a)[0] for row, a in zip(rows, answers, strict=False)]
+    source = "held-out" if data.eval is not None else "training (the recipe has no held-out data)"
+    return VerificationSet(examples, prompts, source, None)
 
 
 @torch.no_grad()

@@ -1,0 +1,309 @@
+"""Preference tuning: recipe checks, data formats and tokens, every method training on a real 4-bit tiny model, and the
+reference model living inside the one policy model (no second base)."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from qlora_kit.errors import UserError
+from qlora_kit.recipe import load_recipe, validate
+
+from .conftest import REPO, write_jsonl
+
+
+def sum_pairs(count: int, seed: int = 0, conversational: bool = True) -> list[dict]:
+    """Prefer the correct sum over a wrong one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randrange(10), rng.randrange(10)
+        prompt, right, wrong = f"What is {a} plus {b}?", str(a + b), str(a + b + rng.choice([-2, -1, 1, 2]))
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": right}],
+                    "rejected": [{"role": "assistant", "content": wrong}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt + " ", "chosen": right, "rejected": wrong})
+    return rows
+
+
+def unpaired(rows: list[dict]) -> list[dict]:
+    out = []
+    for row in rows:
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return out
+
+
+def preference_recipe(tmp_path, model_dir, method: str, rows: list[dict], held: list[dict], **training) -> dict:
+    train = write_jsonl(tmp_path / f"{method}-train.jsonl", rows)
+    evaluation = write_jsonl(tmp_path / f"{method}-eval.jsonl", held)
+    return {
+        "method": method,
+        "model": {"name_or_path": str(model_dir)},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "data": {"train": [{"path": str(train)}], "eval": {"path": str(evaluation)}, "max_length": 64},
+        "training": {
+            "max_steps": 8,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 8,
+            "report_to": "none",
+            "save_strategy": "no",
+            "gradient_checkpointing": False,
+            **training,
+        },
+        "eval": {"batch_size": 16, "num_samples": 2, "max_new_tokens": 4, "metrics": ["exact_match"]},
+        "output_dir": str(tmp_path / f"run-{method}"),
+    }
+
+
+def write_recipe(tmp_path, raw: dict, name: str = "recipe.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipe
+
+
+def test_training_is_checked_against_the_methods_trl_config():
+    base = {"model": {"name_or_path": "m"}, "data": {"train": [{"path": "d.jsonl"}]}}
+    with pytest.raises(UserError) as caught:
+        validate({**base, "method": "dpo", "training": {"betaa": 0.1, "packing": True, "truncation_mode": "x"}})
+    message = str(caught.value)
+    assert "training.betaa: not a field of trl's DPOConfig (did you mean 'beta'?)" in message
+    assert "training.packing: not a field of trl's DPOConfig" in message
+    assert "training.truncation_mode: set it in nothing: qlora-kit truncates the prompt" in message
+    with pytest.raises(UserError, match="training.loss_type: method simpo fixes it to 'simpo'"):
+        validate({**base, "method": "simpo", "training": {"loss_type": "sigmoid"}})
+    with pytest.raises(UserError, match="training.desirable_weight: not a field of trl's ORPOConfig"):
+        validate({**base, "method": "orpo", "training": {"desirable_weight": 1.0}})
+    with pytest.raises(UserError, match="model.adapter: training an existing adapter further is for preference"):
+        validate({**base, "model": {"name_or_path": "m", "adapter": "runs/sft"}})
+    # trl's own validation, reported under the recipe key before any weight loads
+    with pytest.raises(UserError, match="training.loss_weights: `loss_weights` must have the same length"):
+        validate({**base, "method": "dpo", "training": {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}})
+    recipe = validate({**base, "method": "kto", "training": {"beta": 0.2, "desirable_weight": 1.5}})
+    assert recipe.method == "kto" and recipe.training["desirable_weight"] == 1.5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def build(tmp_path, tiny_model_dir, rows, method="dpo", **data):
+    from qlora_kit.data import preference
+    from qlora_kit.tokenizer import load_tokenizer
+
+    raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2])
+    raw["data"].update(data)
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    tokenizer = load_tokenizer(recipe)
+    return preference.build(recipe, tokenizer), tokenizer
+
+
+def test_string_conversation_and_shared_prefix_pairs_render_alike(tmp_path, tiny_model_dir):
+    conversation = sum_pairs(1)[0]
+    prompt = conversation["prompt"]
+    shared = {"chosen": prompt + conversation["chosen"], "rejected": prompt + conversation["rejected"], "prompt": "x"}
+    built, tokenizer = build(tmp_path, tiny_model_dir, [conversation, shared])
+    a, b = built.train[0], built.train[1]
+    assert a == b  # UltraFeedback-style full conversations: the shared leading messages are the prompt
+    assert tokenizer.decode(a["prompt_ids"]).endswith(
+        tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    )
+    stops = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids(["<|im_end|>"])}
+    assert a["chosen_ids"][-1] in stops or a["chosen_ids"][-2] in stops  # the answer ends its turn
+    assert a["prompt_ids"].count(tokenizer.bos_token_id) <= 1
+    text, _ = build(tmp_path, tiny_model_dir, sum_pairs(2, conversational=False))
+    assert text.train[0]["chosen_ids"][-1] == tokenizer.eos_token_id  # plain text answers get EOS, as in SFT
+    assert text.stats.formats and set(text.stats.formats.values()) == {"preference"}
+
+
+def test_long_prompt_is_cut_from_the_left_first(tmp_path, tiny_model_dir):
+    long_prompt = "word " * 200 + "What is 2 plus 2?"
+    row = {"prompt": long_prompt, "chosen": "4", "rejected": "5"}
+    built, tokenizer = build(tmp_path, tiny_model_dir, [row, *sum_pairs(2, conversational=False)])
+    example = built.train[0]
+    assert len(example["prompt_ids"]) + len(example["chosen_ids"]) <= 64
+    assert tokenizer.decode(example["prompt_ids"]).endswith("What is 2 plus 2?")  # the end of the prompt survives
+    assert tokenizer.decode(example["chosen_ids"]).startswith("4")
+    assert built.stats.truncated == 2  # the row is trained on and, as one of rows[:2], held out
+
+
+def test_unpaired_rows_for_kto(tmp_path, tiny_model_dir):
+    built, _ = build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="kto")
+    assert built.train.column_names == ["prompt_ids", "completion_ids", "label"]
+    assert built.train["label"] == [True, False] * 3
+    with pytest.raises(UserError, match="train with method: kto, not dpo"):
+        build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="dpo")
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, "chosen equals rejected"),
+        ({"prompt": "q", "chosen": "a"}, "the pair has no 'rejected' answer"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "the pair has no 'chosen' answer"),
+    ],
+)
+def test_bad_pairs_are_named_and_counted(tmp_path, tiny_model_dir, bad, reason):
+    rows = [*sum_pairs(2, conversational=False), bad]
+    with pytest.raises(UserError, match=rf"dpo-train.jsonl line 3: {reason}"):
+        build(tmp_path, tiny_model_dir, rows)
+    built, _ = build(tmp_path, tiny_model_dir, rows, max_bad_rows=1)
+    assert built.stats.rows == 2 and sum(built.stats.bad_rows.values()) == 1
+
+
+def test_bad_preference_data_exits_2_naming_file_and_row(tmp_path, tiny_model_dir):
+    rows = [*sum_pairs(3), {"prompt": "q", "chosen": "a", "rejected": "a"}]
+    path = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows[:2]))
+    result = subprocess.run(
+        [sys.executable, "-m", "qlora_kit", "train", path], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert lines[0].startswith("error: ") and "dpo-train.jsonl line 4: chosen equals rejected" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+METHODS = {
+    "dpo": {"beta": 0.1},
+    "orpo": {"beta": 0.1},
+    "simpo": {"beta": 2.0},
+    "kto": {"beta": 0.1},
+}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_trains_and_lowers_its_loss(tmp_path, tiny_model_dir, method):
+    from qlora_kit.preference import train
+
+    rows, held = sum_pairs(32), sum_pairs(16, seed=1)
+    if method == "kto":
+        rows = unpaired(rows)
+    raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, held, **METHODS[method])
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    result = train(recipe, tmp_path / "run")
+    metrics = result.metrics
+    assert metrics["steps"] == 8 and metrics["train_loss_last"] < metrics["train_loss_first"], metrics
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "run" / "adapter" / "ref").exists()  # only the trained adapter is published
+    written = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert written["method"] == method and "packing" not in written["training"]
+    if method != "kto":
+        tuned = result.metrics["preference_comparison"]["tuned"]
+        assert tuned["pairs"] == 16 and 0 <= tuned["reward_accuracy"] <= 1
+    if method == "dpo":  # merged and verified; qlora-kit eval measures the rewards the end of training did
+        from qlora_kit.evaluate.stage import run_eval
+        from qlora_kit.merge import merge_run
+
+        merged = merge_run(tmp_path / "run")
+        assert merged.report["verification"]["passed"], merged.report["verification"]
+        report = run_eval(tmp_path / "run").report
+        for key in ("reward_accuracy", "reward_margin", "logp_chosen", "logp_rejected"):
+            assert report["metrics"]["tuned"][key] == pytest.approx(tuned[key], rel=1e-4, abs=1e-5), key
+            assert report["metrics"]["merged"][key] == pytest.approx(tuned[key], rel=1e-2, abs=1e-2), key
+        assert "reward_accuracy" not in report["metrics"]["base"]  # the base is the reference: no reward of its own
+        assert (tmp_path / "run" / "eval.md").read_text().count("reward_accuracy") == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference model
+
+
+def test_reference_is_the_adapter_disabled_base_with_no_second_model(tmp_path, tiny_model_dir):
+    import bitsandbytes as bnb
+
+    from qlora_kit import preference
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
+
+    rows = sum_pairs(8)
+    recipe = load_recipe(write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows)))
+    tokenizer, resolved = load_tokenizer(recipe), resolve(recipe)
+    data = pref_data.build(recipe, tokenizer)
+    model = preference.policy_model(recipe, tokenizer, resolved)
+    before = preference.peak_parameter_bytes(model)
+    config = preference.preference_config(recipe, tmp_path / "out", True, resolved)
+    trainer = preference.make_trainer(recipe, model, tokenizer, data, config, resolved)
+    assert trainer.ref_model is None and list(model.peft_config) == ["default"]
+    assert preference.peak_parameter_bytes(trainer.model) == before  # nothing loaded beside the policy
+    layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7  # one 4-bit base: 2 layers x (q, k, v, o, gate, up, down)
+    batch = trainer.data_collator([data.train[i] for i in range(4)])
+    with model.disable_adapter():
+        expected = trainer.compute_ref_log_probs(trainer.model, batch)
+    import torch
+
+    for param in (p for n, p in model.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(param, std=0.5)  # the policy moves away; the reference must not
+    again = trainer.compute_ref_log_probs(trainer.model, batch)
+    for a, b in zip(expected, again, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_reference_of_a_run_started_from_an_adapter_is_that_adapter_frozen(tmp_path, tiny_model_dir):
+    import torch
+
+    from qlora_kit import preference
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.model import attach_lora, load_base_model
+    from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
+
+    rows = sum_pairs(8)
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows)
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    tokenizer, resolved = load_tokenizer(recipe), resolve(recipe)
+    start = attach_lora(load_base_model(recipe, tokenizer, resolved), recipe, resolved)
+    torch.manual_seed(0)
+    for param in (p for n, p in start.named_parameters() if "lora_B" in n):
+        torch.nn.init.normal_(param, std=0.5)  # an adapter that really changes the model, as an SFT run's does
+    start.save_pretrained(tmp_path / "sft-adapter")
+
+    raw["model"]["adapter"] = str(tmp_path / "sft-adapter")
+    recipe = load_recipe(write_recipe(tmp_path, raw, "from-adapter.yaml"))
+    data = pref_data.build(recipe, tokenizer)
+    model = preference.policy_model(recipe, tokenizer, resolved)
+    config = preference.preference_config(recipe, tmp_path / "out", True, resolved)
+    trainer = preference.make_trainer(recipe, model, tokenizer, data, config, resolved)
+    assert trainer.ref_model is None and sorted(model.peft_config) == ["default", "ref"]
+    batch = trainer.data_collator([data.train[i] for i in range(4)])
+    with torch.no_grad():
+        start_logps = trainer.compute_ref_log_probs(trainer.model, batch)  # the reference, before any step
+        with model.disable_adapter():
+            base_logps = trainer.compute_ref_log_probs(trainer.model, batch)
+    assert not torch.allclose(start_logps[0], base_logps[0])  # the reference is not the bare base
+    for param in (p for n, p in model.named_parameters() if ".default." in n and p.requires_grad):
+        torch.nn.init.normal_(param, std=0.5)  # training moves the trained adapter only
+    for a, b in zip(start_logps, trainer.compute_ref_log_probs(trainer.model, batch), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_data_command_shows_prompt_chosen_and_rejected(tmp_path, tiny_model_dir, capsys):
+    from qlora_kit.cli import main
+
+    rows = sum_pairs(4)
+    path = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows[:2]))
+    assert main(["data", path, "--plain", "--examples", "1"]) == 0
+    shown = capsys.readouterr().out
+    answer, wrong = rows[0]["chosen"][0]["content"], rows[0]["rejected"][0]["content"]
+    assert f"chosen: <|im_start|>user\n{rows[0]['prompt'][0]['content']}" in shown
+    assert f"[[{answer}<|im_end|>" in shown and f"[[{wrong}<|im_end|>" in shown
+    assert "rows: 4" in shown and "eval_rows: 2" in shown
