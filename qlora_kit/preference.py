@@ -21,9 +21,8 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 from trl import DPOTrainer, KTOTrainer
 
-from qlora_kit import checkpoints, launch, rundir
+from qlora_kit import checkpoints, rundir
 from qlora_kit import model as model_stage
-from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit import train as train_stage
 from qlora_kit.data import preference as pref_data
 from qlora_kit.errors import UserError
@@ -204,17 +203,11 @@ def train(
     inputs: dict[str, str] | None = None,
 ) -> train_stage.RunResult:
     """Preference-tune the recipe's model into a complete run directory at ``run_dir`` (see train.train)."""
-    from transformers import set_seed
-
     show = progress or (lambda *args, **kwargs: None)
-    resolved = launch.preflight(recipe)
-    rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
-    checkpoint = train_stage.prepare_staging(run_dir, force, resume)
-    staging = rundir.staging_dir_for(run_dir)
-    set_seed(training_args(recipe)["seed"])
-
-    tokenizer = tokenizer_rules.load_tokenizer(recipe)
-    tokenizer_rules.check_pad_token(tokenizer)
+    # Preference data is not cached, so the cache folder is not checked.
+    resolved, checkpoint, staging, tokenizer = train_stage.begin_run(
+        recipe, run_dir, force, resume, {**input_paths(recipe), **(inputs or {})}, cached_data=False
+    )
     data = pref_data.build(recipe, tokenizer)
     show("preference_data", data.stats.as_dict())
     config = preference_config(recipe, staging, data.eval is not None, resolved)

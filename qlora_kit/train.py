@@ -321,18 +321,10 @@ def train(
         resume: True to continue from the latest complete checkpoint of the unfinished run, or a checkpoint path.
         inputs: Further paths the command reads (the recipe file), which the run directory must stay apart from.
     """
-    from transformers import set_seed
-
     show = progress or (lambda *args, **kwargs: None)
-    resolved = launch.preflight(recipe)  # every machine-dependent setting, decided and checked before any weight loads
-    rundir.prepare_output(run_dir, force, {**input_paths(recipe), **(inputs or {})})
-    data_cache.check_writable(recipe.data)
-    checkpoint = prepare_staging(run_dir, force, resume)
-    staging = rundir.staging_dir_for(run_dir)
-    set_seed(training_args(recipe)["seed"])
-
-    tokenizer = tokenizer_rules.load_tokenizer(recipe)
-    tokenizer_rules.check_pad_token(tokenizer)
+    resolved, checkpoint, staging, tokenizer = begin_run(
+        recipe, run_dir, force, resume, {**input_paths(recipe), **(inputs or {})}, cached_data=True
+    )
     prepared = data_stage.build_datasets(recipe, tokenizer)
     show("data", prepared.stats.as_dict())
     # The trainer's own checks, before the weights load.
@@ -380,6 +372,33 @@ def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, ch
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def begin_run(
+    recipe: Recipe,
+    run_dir: Path,
+    force: bool,
+    resume: bool | str | None,
+    inputs: dict[str, str],
+    cached_data: bool,
+) -> tuple[Resolved, Path | None, Path, Any]:
+    """What every training method does before its data: pre-flight (every machine-dependent setting, decided and
+    checked before any weight loads), the output checks against ``inputs`` (every path the command reads), the
+    staging folder, the seed, and a safe tokenizer.
+
+    Returns the resolved settings, the checkpoint to resume from (or None), the staging folder and the tokenizer.
+    """
+    from transformers import set_seed
+
+    resolved = launch.preflight(recipe)
+    rundir.prepare_output(run_dir, force, inputs)
+    if cached_data:
+        data_cache.check_writable(recipe.data)
+    checkpoint = prepare_staging(run_dir, force, resume)
+    set_seed(training_args(recipe)["seed"])
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    tokenizer_rules.check_pad_token(tokenizer)
+    return resolved, checkpoint, rundir.staging_dir_for(run_dir), tokenizer
 
 
 def run_training(trainer, checkpoint: Path | None, staging: Path):

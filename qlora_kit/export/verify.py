@@ -49,18 +49,10 @@ def held_out_data(recipe: Recipe, tokenizer) -> tuple[HeldOut, list[dict] | None
     """The held-out examples and prompts (as merge verification reads them, in the export's numbers) and the first
     held-out conversation up to its last answer, for the chat-mode check."""
     from qlora_kit.data.formats import normalize
-    from qlora_kit.errors import UserError
+    from qlora_kit.merge.verify import checked_examples
 
     export = recipe.export
-    try:
-        prepared = data_stage.build_datasets(recipe, tokenizer)
-    except UserError as exc:
-        raise UserError(
-            f"{exc} (export verification reads the run's data: fix the path with an override, or "
-            "skip it with export.verify=false)"
-        ) from None
-    dataset = prepared.eval if prepared.eval is not None else prepared.train
-    source = "held-out" if prepared.eval is not None else "training (the recipe has no held-out data)"
+    prepared, dataset, source = checked_examples(recipe, tokenizer, "export verification", "export.verify")
     examples = list(zip(dataset["input_ids"], dataset["labels"], strict=True))[: export.verify_examples]
     rows = prepared.eval_rows or []
     prompts = [p for p, _ in data_stage.eval_prompts(rows, tokenizer, export.verify_generations)]

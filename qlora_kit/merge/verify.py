@@ -38,20 +38,26 @@ class VerificationSet:
     eval_dataset: Any  # the whole held-out set, as train evaluated it (for the base check)
 
 
+def checked_examples(recipe: Recipe, tokenizer, what: str, skip_key: str):
+    """The run's data as training prepared it, and the examples a check scores: the held-out ones, or without any
+    the training ones; (prepared, dataset, where they come from). A data error says how to skip the check."""
+    try:
+        prepared = data_stage.build_datasets(recipe, tokenizer)
+    except UserError as exc:
+        raise UserError(
+            f"{exc} ({what} reads the run's data: fix the path with an override, or skip it with {skip_key}=false)"
+        ) from None
+    if prepared.eval is not None:
+        return prepared, prepared.eval, "held-out"
+    return prepared, prepared.train, "training (the recipe has no held-out data)"
+
+
 def verification_set(recipe: Recipe, tokenizer) -> VerificationSet:
     """The run's held-out examples (or, without any, its first training examples) tokenized as training did."""
     merge = recipe.merge
     if recipe.method != "sft":
         return preference_verification_set(recipe, tokenizer)
-    try:
-        prepared = data_stage.build_datasets(recipe, tokenizer)
-    except UserError as exc:
-        raise UserError(
-            f"{exc} (verification reads the run's data: fix the path with an override, or skip it with "
-            "merge.verify=false)"
-        ) from None
-    dataset = prepared.eval if prepared.eval is not None else prepared.train
-    source = "held-out" if prepared.eval is not None else "training (the recipe has no held-out data)"
+    prepared, dataset, source = checked_examples(recipe, tokenizer, "verification", "merge.verify")
     examples = list(zip(dataset["input_ids"], dataset["labels"], strict=True))[: merge.verify_examples]
     prompts = [p for p, _ in data_stage.eval_prompts(prepared.eval_rows, tokenizer, merge.verify_generations)]
     return VerificationSet(examples, prompts, source, prepared.eval)
