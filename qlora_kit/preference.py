@@ -204,9 +204,8 @@ def train(
 ) -> train_stage.RunResult:
     """Preference-tune the recipe's model into a complete run directory at ``run_dir`` (see train.train)."""
     show = progress or (lambda *args, **kwargs: None)
-    # Preference data is not cached, so the cache folder is not checked.
     resolved, checkpoint, staging, tokenizer = train_stage.begin_run(
-        recipe, run_dir, force, resume, {**input_paths(recipe), **(inputs or {})}, cached_data=False
+        recipe, run_dir, force, resume, {**input_paths(recipe), **(inputs or {})}, cached_data=True
     )
     data = pref_data.build(recipe, tokenizer)
     show("preference_data", data.stats.as_dict())

@@ -3,17 +3,25 @@ reference model living inside the one policy model (no second base)."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from qlora_kit.data import preference
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import load_recipe, validate
 
 from .conftest import REPO, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
 
 
 def sum_pairs(count: int, seed: int = 0, conversational: bool = True) -> list[dict]:
@@ -103,7 +111,6 @@ def test_training_is_checked_against_the_methods_trl_config():
 
 
 def build(tmp_path, tiny_model_dir, rows, method="dpo", **data):
-    from qlora_kit.data import preference
     from qlora_kit.tokenizer import load_tokenizer
 
     raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2])
@@ -148,6 +155,25 @@ def test_unpaired_rows_for_kto(tmp_path, tiny_model_dir):
     assert built.train["label"] == [True, False] * 3
     with pytest.raises(UserError, match="train with method: kto, not dpo"):
         build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="dpo")
+
+
+def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_model_dir):
+    rows = sum_pairs(6)
+    first, _ = build(tmp_path, tiny_model_dir, rows)
+    second, _ = build(tmp_path, tiny_model_dir, rows)
+    assert (first.stats.cache, second.stats.cache) == ("miss", "hit")
+    assert second.stats.cache_path == first.stats.cache_path
+    assert second.stats.cache_path.startswith(str(tmp_path / "cache" / "data"))
+    assert second.train.to_list() == first.train.to_list() and second.eval.to_list() == first.eval.to_list()
+    assert [r.data for r in second.eval_rows] == [r.data for r in first.eval_rows]
+    assert second.stats.as_dict() | {"cache": "miss"} == first.stats.as_dict()
+    changed, _ = build(tmp_path, tiny_model_dir, [*rows[:-1], *sum_pairs(1, seed=5)])  # other bytes
+    shorter, _ = build(tmp_path, tiny_model_dir, rows, max_length=16)  # another data option
+    off, _ = build(tmp_path, tiny_model_dir, rows, cache=False)
+    assert (changed.stats.cache, shorter.stats.cache, off.stats.cache) == ("miss", "miss", "off")
+    assert len({first.stats.cache_path, changed.stats.cache_path, shorter.stats.cache_path}) == 3
+    key = json.loads((Path(first.stats.cache_path) / "key.json").read_text())
+    assert key["extra"] == {"pipeline": preference.PIPELINE_VERSION, "method": "dpo"}
 
 
 @pytest.mark.parametrize(
