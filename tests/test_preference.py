@@ -333,3 +333,70 @@ def test_data_command_shows_prompt_chosen_and_rejected(tmp_path, tiny_model_dir,
     assert f"chosen: <|im_start|>user\n{rows[0]['prompt'][0]['content']}" in shown
     assert f"[[{answer}<|im_end|>" in shown and f"[[{wrong}<|im_end|>" in shown
     assert "rows: 4" in shown and "eval_rows: 2" in shown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact resume, DDP, and a preference adapter trained on top of an SFT run (real subprocesses, the SFT tests' helpers)
+
+
+@pytest.fixture(scope="module")
+def dpo_recipe(tmp_path_factory, tiny_model_dir) -> Path:
+    # 32 pairs in batches of 8: 4 steps an epoch, so 8 steps cross a reshuffle; checkpoints every 2 steps (the SFT
+    # resume test's STEPS, whose dropout DPOConfig's disable_dropout turns off in the policy, as trl does).
+    folder = tmp_path_factory.mktemp("dpo-runs")
+    raw = preference_recipe(folder, tiny_model_dir, "dpo", sum_pairs(32), sum_pairs(8, seed=1), beta=0.1)
+    return Path(write_recipe(folder, raw))
+
+
+@pytest.fixture(scope="module")
+def dpo_uninterrupted(dpo_recipe, tmp_path_factory) -> Path:
+    from .test_resume import command, run_cli
+
+    run = tmp_path_factory.mktemp("dpo-full") / "run"
+    result = run_cli(*command(dpo_recipe, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_dpo_sigkill_then_resume_gives_the_same_adapter(dpo_recipe, dpo_uninterrupted, tmp_path):
+    import signal
+
+    from qlora_kit.checkpoints import complete_checkpoints
+
+    from .test_resume import assert_same_adapter, command, losses, run_cli, staging, start_and_signal
+
+    run = tmp_path / "run"
+    status, _ = start_and_signal(command(dpo_recipe, run), run, signal.SIGKILL, after_step=2)
+    assert status == -signal.SIGKILL and not run.exists()
+    saved = complete_checkpoints(staging(run))
+    assert saved and saved[-1].name not in ("checkpoint-7", "checkpoint-8"), "killed too late to test resuming"
+    resumed = run_cli(*command(dpo_recipe, run, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "dpo" and metrics["steps"] == 8
+    assert Path(metrics["launch"]["resumed_from"]).name == saved[-1].name
+    assert_same_adapter(dpo_uninterrupted, run)  # bit for bit
+    assert losses(run / "checkpoint-8") == losses(dpo_uninterrupted / "checkpoint-8")
+
+
+def test_dpo_ddp_on_two_cpu_processes_matches_one_process(dpo_recipe, dpo_uninterrupted, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from .test_resume import command, losses, run_cli
+
+    # The same global batch of 8 pairs: two processes x 4, against the uninterrupted run's one process x 8.
+    run = tmp_path / "ddp"
+    ddp = run_cli(*command(dpo_recipe, run, "--accelerate-profile", "ddp", "training.per_device_train_batch_size=4"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["launch"]["processes"] == 2 and metrics["steps"] == 8
+    assert {p.name for p in (run / "checkpoint-8").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    got, expected = losses(run / "checkpoint-8"), losses(dpo_uninterrupted / "checkpoint-8")
+    assert len(got) == 8 and got[0] != got[-1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    adapter_ddp = load_file(run / "adapter" / "adapter_model.safetensors")
+    adapter_one = load_file(dpo_uninterrupted / "adapter" / "adapter_model.safetensors")
+    assert adapter_ddp.keys() == adapter_one.keys() and len(adapter_one) == 2 * 7 * 2  # complete: every layer
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_ddp[name], adapter_one[name], rtol=0, atol=1e-5)
