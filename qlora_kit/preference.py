@@ -241,6 +241,7 @@ def run_metrics(trainer, runtime_s: float, result, data: pref_data.PreferenceDat
     return {
         "method": recipe.method,
         "started_from": recipe.model.adapter,
+        "started_from_sha256": adapter_digest(recipe.model.adapter),
         "reference": reference_description(recipe),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
@@ -252,6 +253,16 @@ def run_metrics(trainer, runtime_s: float, result, data: pref_data.PreferenceDat
         "data": data.stats.as_dict(),
         "versions": rundir.versions(),
     }
+
+
+def adapter_digest(path: str | None) -> str | None:
+    """SHA-256 of the starting adapter's weights file, so a run says which bytes it continued (the path may change)."""
+    import hashlib
+
+    if path is None:
+        return None
+    weights = adapter_folder(path) / "adapter_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
 
 
 def reference_description(recipe: Recipe) -> str:

@@ -3,6 +3,7 @@ reference model living inside the one policy model (no second base)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -400,3 +401,48 @@ def test_dpo_ddp_on_two_cpu_processes_matches_one_process(dpo_recipe, dpo_uninte
     assert adapter_ddp.keys() == adapter_one.keys() and len(adapter_one) == 2 * 7 * 2  # complete: every layer
     for name in adapter_one:
         torch.testing.assert_close(adapter_ddp[name], adapter_one[name], rtol=0, atol=1e-5)
+
+
+def test_sft_then_dpo_then_merge_gives_one_model_with_both_updates(tmp_path, tiny_model_dir, arithmetic_rows):
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_kit.merge import merge_run
+    from qlora_kit.merge.adapter import load_adapter
+    from qlora_kit.preference import train
+    from qlora_kit.train import train as train_sft
+
+    from .conftest import tiny_recipe
+
+    sft_run, dpo_run = tmp_path / "sft", tmp_path / "dpo"
+    train_sft(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, max_steps=4)), sft_run)
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", sum_pairs(16), sum_pairs(8, seed=1), max_steps=4)
+    raw["model"]["adapter"] = str(sft_run)
+    metrics = train(load_recipe(write_recipe(tmp_path, raw, "dpo.yaml")), dpo_run).metrics
+    # The run records where it started, by path and by the bytes of the adapter it continued.
+    assert metrics["started_from"] == str(sft_run) and "starting adapter" in metrics["reference"]
+    assert (
+        metrics["started_from_sha256"]
+        == hashlib.sha256((sft_run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    )
+    assert yaml.safe_load((dpo_run / "recipe.yaml").read_text())["model"]["adapter"] == str(sft_run)
+
+    merged = {}
+    for run in (sft_run, dpo_run):
+        result = merge_run(run)
+        assert result.report["verification"]["passed"], result.report["verification"]  # logits against the adapter
+        merged[run] = {k: v for p in sorted((run / "merged").glob("*.safetensors")) for k, v in load_file(p).items()}
+    # Both merged onto the same base: the SFT+DPO model differs from the SFT one by exactly the adapters' difference.
+    sft, dpo = load_adapter(sft_run, 1.0, "sft"), load_adapter(dpo_run, 1.0, "dpo")
+    assert sft.updates.keys() == dpo.updates.keys() and len(dpo.updates) == 2 * 7
+
+    def delta(update) -> torch.Tensor:
+        return update.scaling * update.lora_B.float() @ update.lora_A.float()
+
+    moved = 0.0
+    for name, update in dpo.updates.items():
+        expected = delta(update) - delta(sft.updates[name])
+        got = merged[dpo_run][name].float() - merged[sft_run][name].float()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        moved = max(moved, expected.abs().max().item())
+    assert moved > 1e-3  # DPO changed the SFT adapter it started from
