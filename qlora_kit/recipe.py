@@ -781,7 +781,20 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise UserError(f"{source} has {count}: " + "; ".join(problems))
     assert recipe is not None
+    recipe.training = numbers_from_text(recipe.training, recipe.method)
     return recipe
+
+
+def numbers_from_text(training: dict[str, Any], method: str) -> dict[str, Any]:
+    """Numbers YAML reads as text (``1e-3`` has no dot, so YAML 1.1 reads a string) as the numbers the config's
+    field types make of them, so the trainer gets ``0.001`` and not ``"1e-3"``."""
+    fields = _field_model(method).model_fields
+    texts = {k: v for k, v in training.items() if isinstance(v, str) and k in fields}
+    if not texts:
+        return training
+    parsed = _field_model(method)(**texts)
+    numbers = {k: getattr(parsed, k) for k in texts if isinstance(getattr(parsed, k), int | float)}
+    return {**training, **numbers}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

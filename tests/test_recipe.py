@@ -82,6 +82,12 @@ def test_trainer_choices_are_checked_against_the_methods_trl_config(tmp_path, ca
     assert len(error) == 1 and error[0].startswith("error: ") and "training.loss_type" in error[0], error
 
 
+def test_numbers_yaml_reads_as_text_reach_the_trainer_as_numbers():
+    recipe = load_recipe(REPO / "recipes" / "demo_dpo.yaml", ["training.learning_rate=1e-3", "training.beta=5e-2"])
+    assert recipe.training["learning_rate"] == 0.001 and recipe.training["beta"] == 0.05
+    assert validate({**MINIMAL, "training": {"learning_rate": "2e-4"}}).training["learning_rate"] == 2e-4
+
+
 def test_missing_sections():
     message = _error({"model": {}})
     assert "model.name_or_path: required but missing" in message and "data: required but missing" in message
