@@ -446,3 +446,13 @@ def test_sft_then_dpo_then_merge_gives_one_model_with_both_updates(tmp_path, tin
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
         moved = max(moved, expected.abs().max().item())
     assert moved > 1e-3  # DPO changed the SFT adapter it started from
+
+    # Evaluation names the model the run started from "start", beside each sample's reference answer (chosen).
+    from qlora_kit.evaluate.stage import run_eval
+
+    report = run_eval(dpo_run).report
+    assert set(report["metrics"]) == {"base", "start", "tuned", "merged"}
+    assert "reward_accuracy" not in report["metrics"]["start"] and "reward_accuracy" in report["metrics"]["base"]
+    chosen = {pair["chosen"][0]["content"] for pair in sum_pairs(8, seed=1)}
+    samples = [json.loads(line) for line in (dpo_run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(row["reference"] in chosen and "start" in row for row in samples)
