@@ -267,15 +267,14 @@ def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
 def check_reporters(recipe: Recipe) -> list[str]:
     names = tracking.reporters(recipe)
     missing = [name for name in names if name in REPORTERS and importlib.util.find_spec(REPORTERS[name]) is None]
-    return [tracking.TRACKIO_BLOCKED if name == "trackio" else _not_installed(name) for name in missing]
+    return [_not_installed(name) for name in missing]
 
 
 def _not_installed(name: str) -> str:
-    fix = (
-        "pip install 'qlora-kit[tracking]' (MLflow's local store, no server)"
-        if name == "mlflow"
-        else f"pip install {name}"
-    )
+    fix = {
+        "mlflow": "pip install 'qlora-kit[tracking]' (MLflow's local store, no server)",
+        "trackio": "pip install 'qlora-kit[tracking]' (trackio's local store, no server)",
+    }.get(name, f"pip install {name}")
     return f"training.report_to: {name} is not installed: {fix}, or remove it (tensorboard works offline)"
 
 

@@ -254,7 +254,7 @@ def test_auto_attention_is_sdpa_without_a_gpu_and_an_explicit_kernel_is_kept(tin
 def test_reporting_backends_must_be_installed():
     import importlib.util
 
-    for name in ("wandb", "mlflow"):
+    for name in ("wandb", "mlflow", "trackio"):
         recipe = make_recipe(training={"report_to": ["tensorboard", name]})
         if importlib.util.find_spec(name) is None:
             assert f"training.report_to: {name} is not installed: pip install " in problems(recipe)
