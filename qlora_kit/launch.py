@@ -33,6 +33,11 @@ from qlora_kit.resolve import (
 
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
 LAUNCHED_ENV = "QLORA_KIT_LAUNCHED"  # set by `qlora-kit train --accelerate-profile` in the processes it starts
+DEEPSPEED_NEEDS_GPU = (
+    "is DeepSpeed ZeRO-3, which needs a GPU: DeepSpeed's CPU accelerator runs ZeRO-3 over gloo but bitsandbytes' "
+    "4-bit weights cannot be partitioned by it (see docs/launch.md); use the fsdp_qlora profile, which shards the "
+    "4-bit base on CPU processes too, or run on a GPU machine"
+)
 REPORTERS = {
     "wandb": "wandb",
     "mlflow": "mlflow",
@@ -51,7 +56,8 @@ def launch_from_profile(profile: dict[str, Any], name: str, processes: int | Non
     world = processes or int(profile.get("num_processes", 1))
     kind = str(profile.get("distributed_type", "NO")).upper()
     if kind == "FSDP":
-        return Launch("fsdp", world, source=f"profile {name}")
+        version = int((profile.get("fsdp_config") or {}).get("fsdp_version", 1))  # accelerate's default is 1
+        return Launch("fsdp", world, source=f"profile {name}", fsdp_version=version)
     if kind == "DEEPSPEED":
         stage = (profile.get("deepspeed_config") or {}).get("zero_stage")
         return Launch("deepspeed", world, int(stage) if stage is not None else None, source=f"profile {name}")
@@ -249,19 +255,49 @@ def check_packing(recipe: Recipe, resolved: Resolved) -> list[str]:
 
 
 def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
-    """FSDP and DeepSpeed shard over GPUs; without one (or without DeepSpeed) the launcher would fail in every worker
-    with a raw traceback, so the profile is refused here with what to run instead."""
+    """Without a GPU only FSDP2 shards (torch's fully_shard over gloo); FSDP1 and DeepSpeed would fail in every
+    worker with a raw traceback, so the profile is refused here with what to run instead."""
     if plan.mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         return [
             f"launch.accelerate_profile: {plan.source} uses DeepSpeed, which is not installed: pip install deepspeed "
             "on the GPU machine, or use the fsdp_qlora profile"
         ]
-    if plan.sharded and not machine.on_gpu:
+    if plan.mode == "deepspeed" and plan.sharded and not machine.on_gpu:
+        return [f"launch.accelerate_profile: {plan.source} {DEEPSPEED_NEEDS_GPU}"]
+    if plan.mode == "fsdp" and plan.fsdp_version != 2 and not machine.on_gpu:
         return [
-            f"launch.accelerate_profile: {plan.source} shards the model over GPUs ({plan.mode}) and this machine has "
-            "none: use the ddp profile (it runs on CPU processes) or no profile, or run on a GPU machine"
+            f"launch.accelerate_profile: {plan.source} is FSDP version {plan.fsdp_version}, which accelerate runs on "
+            "GPUs only: set fsdp_config.fsdp_version: 2 in the profile (the shipped fsdp_qlora profile runs on CPU "
+            "processes over gloo), or run on a GPU machine"
         ]
     return []
+
+
+def fsdp_on_cpu(mixed_precision: str) -> bool:
+    """Make accelerate's state FSDP in a launched CPU worker; return whether it had to.
+
+    accelerate only sets up FSDP on accelerators: with gloo on CPU, AcceleratorState stays MULTI_CPU even when
+    ACCELERATE_USE_FSDP=true, and prepare() would wrap the model in DDP. torch's fully_shard runs on CPU over gloo, so
+    the state is created here first, the way Accelerator() creates it (same environment, the trainer's
+    ``mixed_precision``), then switched to FSDP with the plugin accelerate itself builds from the FSDP_* variables;
+    the Accelerator the trainer creates next finds it initialized and keeps it. Call after the process group exists
+    (TrainingArguments sets it up) and before the trainer creates its Accelerator.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    if launch_from_env().mode != "fsdp" or PartialState().distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state = AcceleratorState(
+        mixed_precision=mixed_precision, cpu=True, dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True
+    )
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+    return True
 
 
 def check_reporters(recipe: Recipe) -> list[str]:

@@ -81,6 +81,7 @@ class Launch:
     world_size: int = 1
     zero_stage: int | None = None
     source: str = "one process"
+    fsdp_version: int | None = None  # 1 (flat parameters) or 2 (per-parameter sharding, fully_shard) under FSDP
 
     @property
     def sharded(self) -> bool:
@@ -97,7 +98,8 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
     env = dict(os.environ if env is None else env)
     world = int(env.get("WORLD_SIZE", "1"))
     if _flag(env, "ACCELERATE_USE_FSDP"):
-        return Launch("fsdp", world, source="ACCELERATE_USE_FSDP=true")
+        version = int(env.get("FSDP_VERSION", "1"))  # accelerate's default when the config names none
+        return Launch("fsdp", world, source="ACCELERATE_USE_FSDP=true", fsdp_version=version)
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") else None
         return Launch("deepspeed", world, stage, source="ACCELERATE_USE_DEEPSPEED=true")
