@@ -170,7 +170,9 @@ class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
         self.last_log = (0, time.perf_counter())
 
     def create_accelerator_and_postprocess(self) -> None:
-        launch.fsdp_on_cpu(self.args.mixed_precision)  # FSDP2 on CPU processes over gloo: accelerate sets FSDP up on accelerators only
+        launch.fsdp_on_cpu(
+            self.args.mixed_precision
+        )  # FSDP2 on CPU processes over gloo: accelerate sets FSDP up on accelerators only
         super().create_accelerator_and_postprocess()
 
     def compute_loss(self, model, inputs, *args, **kwargs):
@@ -285,6 +287,20 @@ def training_metrics(trainer, runtime_s: float, mean_loss: float | None) -> dict
     }
 
 
+def parameter_bytes(model) -> dict[str, int]:
+    """Bytes of the model's parameters as stored (4-bit ones packed): whole, and the part the main process holds,
+    which FSDP2 (DTensor shards) and ZeRO-3 (ds_tensor partitions) cut to about whole / processes."""
+    whole = held = 0
+    for param in model.parameters():
+        size = param.element_size()
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps this rank's partition beside an emptied param
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param
+        whole += int(getattr(param, "ds_numel", param.numel())) * size
+        held += local.numel() * size
+    return {"whole": whole, "main_process": held}
+
+
 def plot_loss(log_history: list[dict], path: Path) -> None:
     # A bare Figure, not pyplot: no global backend switched, so a notebook calling train() keeps drawing inline.
     from matplotlib.figure import Figure
@@ -368,6 +384,7 @@ def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, ch
         "mode": resolved.launch.mode,
         "processes": trainer.args.world_size,
         "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None,
+        "parameter_bytes": parameter_bytes(model),
     }
 
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here
