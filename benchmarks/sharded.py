@@ -76,16 +76,22 @@ def watch(process: subprocess.Popen) -> dict[str, int]:
                 continue
             peaks[member.pid] = (role, max(rss, peaks.get(member.pid, (role, 0))[1]))
         time.sleep(0.05)
-    return {role: rss for role, rss in sorted(peaks.values())}
+    by_role: dict[str, int] = {}
+    for role, rss in peaks.values():  # helpers of one name (several ninja or sh) by their largest
+        by_role[role] = max(rss, by_role.get(role, 0))
+    return dict(sorted(by_role.items()))
 
 
 def role_of(member, root) -> str:
+    """The launcher (or, alone, the one training process), accelerate's launcher with torchrun's agent in it, a rank,
+    or any other helper by its program name (DeepSpeed's op loader starts a few)."""
     if member.pid == root.pid:
-        return "qlora-kit command"
-    rank = member.environ().get("RANK") if "qlora_kit" in " ".join(member.cmdline()) else None
-    if rank is not None:
-        return f"rank {rank}"
-    return f"accelerate/torchrun {member.pid}"
+        return "qlora-kit train"
+    command = " ".join(member.cmdline())
+    if "accelerate.commands.launch" in command:
+        return "accelerate launch"
+    rank = member.environ().get("RANK") if "qlora_kit" in command else None
+    return f"rank {rank}" if rank is not None else member.name()
 
 
 def run(name: str, python: str, recipe: Path, batch: int, profile: str | None) -> dict:

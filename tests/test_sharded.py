@@ -69,7 +69,16 @@ def kill_job_after(cmd: list[str], run: Path, step: int) -> None:
     for pid in job:  # torch's agent starts the workers in sessions of their own: each is killed by its id
         os.kill(pid, signal.SIGKILL)
     process.communicate(timeout=60)
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in job)
+    assert not any(alive(pid) for pid in job)
+
+
+def alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @pytest.fixture(scope="module")
