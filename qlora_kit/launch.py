@@ -186,7 +186,9 @@ def check_quant_storage(recipe: Recipe, resolved: Resolved) -> list[str]:
     problems = []
     if quant.bnb_4bit_quant_storage != compute:
         integer = (
-            ", an integer dtype that FSDP cannot flatten or shard" if quant.bnb_4bit_quant_storage == "uint8" else ""
+            f", an integer dtype that {mode} cannot flatten or shard"
+            if quant.bnb_4bit_quant_storage == "uint8"
+            else ""
         )
         problems.append(
             f"quantization.bnb_4bit_quant_storage: {mode} ({plan.source}) shards the packed 4-bit weights together "
