@@ -21,7 +21,7 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 from trl import DPOTrainer, KTOTrainer
 
-from qlora_kit import checkpoints, rundir
+from qlora_kit import checkpoints, rundir, tracking
 from qlora_kit import model as model_stage
 from qlora_kit import train as train_stage
 from qlora_kit.data import preference as pref_data
@@ -215,8 +215,20 @@ def train(
     model = policy_model(recipe, tokenizer, resolved)
     trainable, total = model.get_nb_trainable_parameters()
     show("model", {"trainable": trainable, "total": total, "dtype": str(resolved.compute_dtype)})
+    resumed = checkpoint is not None
+    tracking.name_trackio_run(recipe, config, staging, run_dir, resumed, main=config.process_index == 0)
     trainer = make_trainer(recipe, model, tokenizer, data, config, resolved)
+    main = trainer.is_world_process_zero()
+    # MLflow's store and trackio's run name, as for SFT: the trackers log into the run, and its files are artifacts.
+    with tracking.mlflow_run(recipe, staging, config.run_name, resumed, main) as tracked:
+        metrics = _train_and_publish(trainer, model, tokenizer, recipe, resolved, data, config, checkpoint, run_dir,
+                                     tracked)  # fmt: skip
+    show("preference_done", {"run_dir": str(run_dir), **metrics})
+    return train_stage.RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
+
+def _train_and_publish(trainer, model, tokenizer, recipe, resolved, data, config, checkpoint, run_dir, tracked):
+    staging = rundir.staging_dir_for(run_dir)
     started = time.perf_counter()
     result = train_stage.run_training(trainer, checkpoint, staging)
     metrics = run_metrics(trainer, time.perf_counter() - started, result, data, recipe)
@@ -228,10 +240,10 @@ def train(
     train_stage.save_adapter(trainer, tokenizer, staging / "adapter")
     if trainer.is_world_process_zero():
         write_outputs(trainer, recipe, resolved, staging, metrics)
+        tracking.finish_training(tracked, staging, run_dir)
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
-    show("preference_done", {"run_dir": str(run_dir), **metrics})
-    return train_stage.RunResult(run_dir=run_dir, metrics=metrics, model=model)
+    return metrics
 
 
 def run_metrics(trainer, runtime_s: float, result, data: pref_data.PreferenceData, recipe: Recipe) -> dict[str, Any]:

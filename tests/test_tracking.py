@@ -183,3 +183,20 @@ def test_resumed_run_continues_its_trackio_run(trackio_run, tmp_path, tiny_model
     assert [len(by_step[s]) for s in (1, 2, 3, 4)] == [1, 1, 2, 2]  # steps 3 and 4 again, from the checkpoint
     for step in (3, 4):
         assert by_step[step][1] == pytest.approx(by_step[step][0], abs=1e-5)
+
+
+def test_a_preference_run_logs_to_mlflow_and_trackio_like_sft(tmp_path, tiny_model_dir):
+    from .test_preference import preference_recipe, sum_pairs, write_recipe
+
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", sum_pairs(16), sum_pairs(8, seed=1), max_steps=STEPS)
+    raw["training"]["report_to"] = ["mlflow", "trackio"]
+    run = tmp_path / "run"
+    assert main(["train", write_recipe(tmp_path, raw), "--output-dir", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    client, run_id = client_and_id(run)  # MLflow's store in the run directory, not the working directory's mlruns
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, STEPS + 1))
+    assert client.get_metric_history(run_id, "loss")[-1].value == pytest.approx(metrics["train_loss_last"], abs=1e-6)
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["loss_curve.png", "metrics.json", "recipe.yaml"]
+    record = trackio_record(run)
+    assert sorted(trackio_losses(record)) == list(range(1, STEPS + 1))
+    assert "training/metrics.json" in trackio_artifacts(record)
