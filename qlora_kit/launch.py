@@ -25,8 +25,10 @@ from qlora_kit.resolve import (
     Machine,
     Resolved,
     dtype_name,
+    installed_liger_types,
     keeps_examples_apart,
     launch_from_env,
+    memory_switch_problems,
     resolve,
     this_machine,
 )
@@ -292,6 +294,7 @@ def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | Non
         *check_packing(recipe, resolved),
         *check_sharding_runs_here(plan, machine),
         *check_reporters(recipe),
+        *memory_switch_problems(recipe, machine, installed_liger_types()),
         *model_config_problems(recipe),
     ]
     if problems:
