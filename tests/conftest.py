@@ -35,6 +35,7 @@ SLOW_FILES = {
     "test_tracking.py",
     "test_cli_errors.py",  # each case starts a fresh interpreter
     "test_preference.py",
+    "test_gpu_suite.py",  # the suite's dry run trains, benchmarks and merges
 }
 SLOW_TESTS = {
     "test_ddp_on_two_cpu_processes_matches_one_process",
