@@ -289,3 +289,15 @@ def test_plan_cli_prints_the_longest_length(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "longest data.max_length that fits, at batch 1" in out
     assert "training.activation_offloading=true" in out
+
+
+def test_launch_doc_longest_length_table_is_the_planners(tmp_path):
+    import re
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "launch.md").read_text().split("## Long-context memory")[1]
+    stated = [int(n.replace(",", "")) for n in re.findall(r"^\| .+? \| ([\d,]+) \|$", text, re.M)]
+    overrides = ["training.per_device_train_batch_size=1", "training.optim=paged_adamw_8bit"]
+    result = plan.plan_recipe(load_recipe(_recipe_8b(tmp_path), overrides), 24 * 2**30, ASSUMED_GPU)
+    assert stated == [row["max_length"] for row in result.longest]
