@@ -333,9 +333,10 @@ def logits_bytes(shape: Shape, act_bytes: int) -> int:
 # the LM head is projected one tile of 4096 tokens x 32768 vocabulary entries at a time; a test pins both to trl's.
 LOSS_TOKEN_TILE = 4096
 LOSS_VOCAB_TILE = 32768
-# Float32 tile-sized temporaries the torch fallback keeps alive at once (in backward: the scaled logits, log p, p,
-# the gradient and the products that build it); a Triton kernel folds the tile in place and keeps none.
-TORCH_TILE_TEMPORARIES = 6
+# Float32 tile-sized temporaries the torch fallback (trl's _backward_tile) holds at once: the tile in fp32, the scaled
+# logits, log p, p, the gradient, and (1[target] - p) with its product by the incoming gradient. A Triton kernel
+# folds the tile in place and keeps none.
+TORCH_TILE_TEMPORARIES = 7
 # Per token, float32: the loss's running statistics, log-probabilities, entropy and their gradients.
 LOSS_TOKEN_STATS = 12
 

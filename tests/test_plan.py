@@ -86,7 +86,7 @@ def test_activation_formula_by_hand():
     # 20 x 100 tile of the logits in the compute dtype (a Triton kernel folds it in place).
     assert full.parts["logits"] == 20 * (64 * (e + 4) + 48) + 20 * 100 * e
     on_cpu = plan.predict(shape, plan.Settings(**{**settings.__dict__, "triton": False}))
-    assert on_cpu.parts["logits"] == 20 * (64 * (e + 4) + 48) + 20 * 100 * (e + 6 * 4)
+    assert on_cpu.parts["logits"] == 20 * (64 * (e + 4) + 48) + 20 * 100 * (e + 7 * 4)
     # label_smoothing_factor > 0: trl builds the logits; per token vocab x (bf16 + fp32 copy + fp32 gradient).
     smoothed = plan.predict(shape, plan.Settings(**{**settings.__dict__, "full_logits": True}))
     assert smoothed.parts["logits"] == 20 * 100 * (2 + 4 + 4)
