@@ -273,28 +273,30 @@ class MemorySwitches:
     liger: bool = False
     full_logits: bool = False
     kwargs: tuple[tuple[str, Any], ...] = ()  # the checkpointing kwargs as given, for the pre-flight check
+    kwargs_key: str = "activation_checkpointing_kwargs"  # or its alias, when that is what the recipe wrote
 
     @property
     def offloaded(self) -> bool:
         return self.activation_offloading or (self.checkpointing and self.offload_checkpoints)
 
 
-def checkpointing_args(args: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """Whether checkpointing is on and its kwargs, reading transformers' new names before their deprecated aliases
-    (as TrainingArguments does: the new name wins when it is set)."""
+def checkpointing_args(args: dict[str, Any]) -> tuple[bool, dict[str, Any], str]:
+    """Whether checkpointing is on, its kwargs and the key they came from, reading transformers' new names before
+    their deprecated aliases (as TrainingArguments does: the new name wins when it is set)."""
     enabled = args.get("activation_checkpointing")
     if enabled is None:
         enabled = args.get("gradient_checkpointing", False)
-    kwargs = args.get("activation_checkpointing_kwargs")
-    if kwargs is None:
-        kwargs = args.get("gradient_checkpointing_kwargs")
-    return bool(enabled), dict(kwargs) if isinstance(kwargs, dict) else {}
+    key = "activation_checkpointing_kwargs"
+    if args.get(key) is None:
+        key = "gradient_checkpointing_kwargs"
+    kwargs = args.get(key)
+    return bool(enabled), dict(kwargs) if isinstance(kwargs, dict) else {}, key
 
 
 def memory_switches(recipe: Recipe) -> MemorySwitches:
     """The recipe's long-context switches, with qlora-kit's defaults (non-reentrant checkpointing on)."""
     args = training_args(recipe)
-    enabled, kwargs = checkpointing_args(args)
+    enabled, kwargs, key = checkpointing_args(args)
     every = kwargs.get("every_n_layers", 1)
     return MemorySwitches(
         checkpointing=enabled,
@@ -306,6 +308,7 @@ def memory_switches(recipe: Recipe) -> MemorySwitches:
         liger=bool(args.get("use_liger_kernel", False)),
         full_logits=float(args.get("label_smoothing_factor") or 0) > 0,
         kwargs=tuple(sorted(kwargs.items(), key=lambda item: item[0])),
+        kwargs_key=key,
     )
 
 
@@ -321,7 +324,7 @@ def memory_switch_problems(recipe: Recipe, machine: Machine, liger_types: frozen
         )
     if switches.checkpointing and switches.offload_checkpoints and not machine.on_gpu:
         problems.append(
-            "training.activation_checkpointing_kwargs.offload: transformers keeps the checkpointed inputs in pinned "
+            f"training.{switches.kwargs_key}.offload: transformers keeps the checkpointed inputs in pinned "
             f"host memory, which needs a GPU; {machine.name} has none (torch refuses pinned memory): remove it here, "
             "or train on a GPU machine"
         )
@@ -332,7 +335,7 @@ def checkpoint_kwarg_problems(switches: MemorySwitches) -> list[str]:
     import difflib
 
     kwargs = dict(switches.kwargs)
-    key = "training.activation_checkpointing_kwargs"
+    key = f"training.{switches.kwargs_key}"
     problems = []
     for name in kwargs:
         if name not in CHECKPOINT_KEYS:
