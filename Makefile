@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # The one command `make demo` ends with; tests/test_readme.py runs it as the README shows it.
 DEMO_CHAT := .venv/bin/qlora-kit export runs/demo --types q8_0 --force && .venv/bin/python -m qlora_kit.export.chat runs/demo/gguf/demo-q8_0.gguf "What is 4 plus 18?"
 
-.PHONY: setup demo test test-fast lint format constraints demo-model clean
+.PHONY: setup demo test test-fast lint format constraints demo-model clean bench-gpu bench-gpu-dry
 
 setup: $(STAMP)
 
@@ -45,6 +45,15 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format qlora_kit tests benchmarks
 	$(VENV)/bin/ruff check --fix qlora_kit tests benchmarks
+
+# The GPU suite (docs/benchmarking.md): qlora-kit beside plain trl on the Llama-3.1-8B shape, the long-context ladder,
+# a verified merge, and a dated section of benchmarks/RESULTS.md with the targets' pass/fail. One NVIDIA GPU.
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu_suite.py
+
+# The same stages on CPU with a tiny shape (a minute or two); the section goes to benchmarks/out/RESULTS-dry-run.md.
+bench-gpu-dry: $(STAMP)
+	$(PY) benchmarks/gpu_suite.py --dry-run
 
 # Rebuild the committed demo model and task data (deterministic; a few minutes on CPU).
 demo-model: $(STAMP)

@@ -98,7 +98,11 @@ def _add_plan_parser(commands) -> None:
     plan = commands.add_parser("plan", help="predict peak training memory and say whether it fits")
     _add_recipe_args(plan)
     plan.add_argument(
-        "--gpu-memory", help="memory to fit in, e.g. 80GiB, 24GB (default: this machine's GPU, else 80GiB)"
+        "--memory",
+        "--gpu-memory",
+        dest="gpu_memory",
+        help="GPU memory to fit in, e.g. 80GiB, 24GB (default: this machine's GPU, else 80GiB); the plan also "
+        "prints the longest data.max_length that fits it, with and without each memory switch",
     )
 
 
@@ -277,7 +281,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     budget = parse_memory(args.gpu_memory) if args.gpu_memory else machine.memory_bytes or 80 * GIB
     result = plan_recipe(recipe, budget, machine)
     if not args.gpu_memory and not this_machine().on_gpu:
-        result.notes.append("no GPU here: checked against 80 GiB; pass --gpu-memory for your card")
+        result.notes.append("no GPU here: checked against 80 GiB; pass --memory for your card")
     show_plan(_console(), args.recipe, result)
     return 0
 

@@ -164,3 +164,7 @@ def show_plan(console, recipe_path: str, result) -> None:
     console.print("[green]fits[/green]" if result.fits else "[red]does not fit[/red]")
     for line in result.suggestions + result.notes:
         console.print(f"  {line}")
+    if result.longest:
+        console.print(f"longest data.max_length that fits, at batch {result.batch_size}:")
+        for row in result.longest:
+            console.print(f"  {row['max_length']:>9,}  {row['switch']}")

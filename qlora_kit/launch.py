@@ -26,8 +26,10 @@ from qlora_kit.resolve import (
     Machine,
     Resolved,
     dtype_name,
+    installed_liger_types,
     keeps_examples_apart,
     launch_from_env,
+    memory_switch_problems,
     resolve,
     this_machine,
 )
@@ -416,6 +418,7 @@ def preflight(
         *check_processes_fit(plan, machine),
         *check_rendezvous(profile, plan),
         *check_reporters(recipe),
+        *memory_switch_problems(recipe, machine, installed_liger_types()),
         *model_config_problems(recipe),
     ]
     if problems:

@@ -203,14 +203,16 @@ def prepare_for_training(model, recipe: Recipe, resolved: Resolved | None = None
     """peft's k-bit preparation (input gradients, checkpointing), keeping frozen weights in bf16 under bf16 compute."""
     from peft import prepare_model_for_kbit_training
 
+    resolved = resolved or resolve(recipe)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        gradient_checkpointing = bool(recipe.training.get("gradient_checkpointing", True))
+        # The trainer enables checkpointing again with every option (every_n_layers, offload, selective); this only
+        # has to agree with it on whether it is on (activation_checkpointing or its alias gradient_checkpointing).
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            use_gradient_checkpointing=resolved.memory.checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": resolved.memory.use_reentrant},
         )
-        if (resolved or resolve(recipe)).compute_dtype == torch.bfloat16:
+        if resolved.compute_dtype == torch.bfloat16:
             keep_frozen_weights_in_bf16(model)
     return model
 

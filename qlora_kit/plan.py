@@ -12,13 +12,20 @@ AdamW (the numbers are checked against the planner by tests/test_docs.py):
     optimizer_states     41.9e6 x 2 states x 1 byte (8-bit) + block constants         = 0.09 GB
     activations          2048 x (32 layers x 4096 x 2 bytes kept at checkpoints
                          + 350,432 bytes for the one layer being recomputed)           = 1.26 GB
-    logits               2048 x 128256 x (2 bf16 + 4 fp32 copy + 4 fp32 gradient)     = 2.63 GB
-    total                                                                              = 9.84 GB (9.16 GiB)
+    logits               trl's chunked loss: 2048 x (4096 x (2 kept + 4 fp32 gradient) + 48 bytes of
+                         statistics) + one 2048 x 32768 bf16 tile of the logits        = 0.18 GB
+    total                                                                              = 7.39 GB (6.89 GiB)
+
+With the full logits (label_smoothing_factor > 0 makes trl build them) the last line would be 2048 x 128256 x
+(2 bf16 + 4 fp32 copy + 4 fp32 gradient), 2.63 GB. `qlora-kit plan --memory 24GiB` turns the same arithmetic
+around: the longest data.max_length that fits, with and without each memory switch (activation checkpointing and its
+every_n_layers, offload and selective options, trl's activation offloading, Liger's kernels).
 
 Sources: QLoRA (Dettmers et al. 2023, section 3) for NF4 with 64-element blocks and double quantization (0.127 instead
 of 0.5 bits per parameter of constants); Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
 Transformer Models", section 4.1) for counting the activations a transformer layer saves for backward, adapted here to
-Llama-style layers (RMSNorm, grouped-query attention, SwiGLU MLP, fused attention that keeps no s x s scores).
+Llama-style layers (RMSNorm, grouped-query attention, SwiGLU MLP, fused attention that keeps no s x s scores); trl's
+trl/kernels/chunked_logprob.py for the loss, which projects the LM head one tile at a time.
 """
 
 from __future__ import annotations
@@ -291,6 +298,7 @@ def layer_activation_bytes(
     lora_dropout: float,
     attn_implementation: str,
     length: int,
+    liger: bool = False,
 ) -> int:
     """Bytes one decoder layer saves for backward, per token (Korthikanti et al. 2022, adapted to Llama layers).
 
@@ -300,11 +308,16 @@ def layer_activation_bytes(
       MLP half:       RMSNorm h*e + 2*h*4 + gate/up input h*e + gate, up, SiLU(gate), product 4*i*e
       LoRA:           per target, the dropout output in*e and its mask in*1 (only when dropout > 0), and A's output r*e
       eager attention also keeps scores and probabilities, 2*heads*length*e (sdpa/flash keep none).
+      Liger kernels: each RMSNorm keeps 4 bytes (rstd) instead of 2*h*4, the SwiGLU 3*i*e instead of 4*i*e.
     """
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    attention = h * act_bytes + 2 * h * 4 + h * act_bytes + (q + 2 * kv) * act_bytes + q * act_bytes
-    mlp = h * act_bytes + 2 * h * 4 + h * act_bytes + 4 * i * act_bytes
+    # Liger's RMSNorm keeps its input and one fp32 rstd per token instead of the fp32 copies; its SwiGLU keeps gate and
+    # up and recomputes SiLU in backward, so one i-wide tensor fewer.
+    norm = 4 if liger else 2 * h * 4
+    swiglu = 3 * i if liger else 4 * i
+    attention = h * act_bytes + norm + h * act_bytes + (q + 2 * kv) * act_bytes + q * act_bytes
+    mlp = h * act_bytes + norm + h * act_bytes + swiglu * act_bytes
     linears = shape.linears()
     lora = sum((linears[t][0] * (act_bytes + 1) if lora_dropout > 0 else 0) + r * act_bytes for t in targets)
     scores = 2 * shape.heads * length * act_bytes if attn_implementation == "eager" else 0
@@ -314,6 +327,26 @@ def layer_activation_bytes(
 def logits_bytes(shape: Shape, act_bytes: int) -> int:
     """Per token: logits in the compute dtype, the fp32 copy the loss takes (none if already fp32), its fp32 grad."""
     return shape.vocab * (act_bytes + (4 if act_bytes != 4 else 0) + 4)
+
+
+# trl's chunked loss (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE, trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE):
+# the LM head is projected one tile of 4096 tokens x 32768 vocabulary entries at a time; a test pins both to trl's.
+LOSS_TOKEN_TILE = 4096
+LOSS_VOCAB_TILE = 32768
+# Float32 tile-sized temporaries the torch fallback (trl's _backward_tile) holds at once: the tile in fp32, the scaled
+# logits, log p, p, the gradient, and (1[target] - p) with its product by the incoming gradient. A Triton kernel
+# folds the tile in place and keeps none.
+TORCH_TILE_TEMPORARIES = 7
+# Per token, float32: the loss's running statistics, log-probabilities, entropy and their gradients.
+LOSS_TOKEN_STATS = 12
+
+
+def chunked_loss_bytes(shape: Shape, act_bytes: int, tokens: int, triton: bool) -> int:
+    """trl's loss, which never builds the logits: the final hidden states it keeps (h*e per token) and their fp32
+    gradient (h*4), a dozen fp32 numbers per token, and one logits tile (plus its fp32 temporaries without Triton)."""
+    tile = min(tokens, LOSS_TOKEN_TILE) * min(shape.vocab, LOSS_VOCAB_TILE)
+    temporaries = 0 if triton else TORCH_TILE_TEMPORARIES * 4
+    return tokens * (shape.hidden * (act_bytes + 4) + 4 * LOSS_TOKEN_STATS) + tile * (act_bytes + temporaries)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,6 +365,8 @@ class Plan:
     budget_bytes: int | None = None
     notes: list[str] = field(default_factory=list)
     suggestions: list[str] = field(default_factory=list)
+    # The longest data.max_length that fits the budget: as the recipe says, then with each memory switch flipped.
+    longest: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -353,6 +388,7 @@ class Plan:
             "fits": self.fits,
             "notes": self.notes,
             "suggestions": self.suggestions,
+            "longest": self.longest,
         }
 
 
@@ -371,6 +407,16 @@ class Settings:
     length: int = 2048
     gradient_checkpointing: bool = True
     attn_implementation: str = "sdpa"
+    # The long-context switches (qlora_kit.resolve.MemorySwitches says which recipe key sets each).
+    every_n_layers: int = 1
+    selective: bool = False
+    offload_checkpoints: bool = False
+    activation_offloading: bool = False
+    liger: bool = False
+    full_logits: bool = False
+    # trl's chunked loss folds each logits tile in a Triton kernel on a GPU; elsewhere in torch ops, whose float32
+    # temporaries of the tile are the largest transient of the step.
+    triton: bool = True
     # trl casts LoRA weights to bf16 for quantized models (qlora-kit keeps them fp32 unless the compute is bf16).
     lora_bytes: int = 2
     # peft's prepare_model_for_kbit_training casts every unquantized 16-bit parameter to fp32; qlora-kit casts them
@@ -384,21 +430,19 @@ def predict(shape: Shape, s: Settings) -> Plan:
     lora_params = sum(lora)
     tokens = s.batch_size * s.length
     per_layer = layer_activation_bytes(
-        shape, s.compute_bytes, s.r, s.targets, s.lora_dropout, s.attn_implementation, s.length
+        shape, s.compute_bytes, s.r, s.targets, s.lora_dropout, s.attn_implementation, s.length, s.liger
     )
-    if s.gradient_checkpointing:
-        # Non-reentrant checkpointing keeps each layer's input (h*e per token) and recomputes one layer at a time.
-        activations = tokens * (shape.layers * shape.hidden * s.compute_bytes + per_layer)
-    else:
-        activations = tokens * shape.layers * per_layer
+    logits = tokens * logits_bytes(shape, s.compute_bytes)
+    if not s.full_logits:
+        logits = chunked_loss_bytes(shape, s.compute_bytes, tokens, s.triton)
     parts = {
         "quantized_weights": quantized_weight_bytes(shape, s.bits, s.double_quant, s.compute_bytes),
         "unquantized_weights": sum(shape.other_params().values()) * s.unquantized_bytes,
         "lora_weights": lora_params * s.lora_bytes,
         "gradients": lora_params * s.lora_bytes,
         "optimizer_states": optimizer_bytes(lora, s.optim, s.lora_bytes),
-        "activations": activations,
-        "logits": tokens * logits_bytes(shape, s.compute_bytes),
+        "activations": tokens * activation_bytes_per_token(shape, s, per_layer),
+        "logits": logits,
     }
     params = {
         "quantized": shape.linear_params(),
@@ -407,6 +451,28 @@ def predict(shape: Shape, s: Settings) -> Plan:
         "total": shape.total_params() + lora_params,
     }
     return Plan(model=shape.name, batch_size=s.batch_size, length=s.length, parts=parts, params=params)
+
+
+def activation_bytes_per_token(shape: Shape, s: Settings, per_layer: int) -> int:
+    """Activation bytes per token kept on the device through one step, for each checkpointing choice.
+
+    Checkpointing every n-th layer (transformers' every_n_layers; 1 = every layer) keeps each checkpointed layer's
+    input (h*e) and recomputes one layer at a time (per_layer); the other layers keep their full per_layer. Reentrant
+    and non-reentrant checkpointing keep the same tensors. trl's selective checkpointing also keeps what attention
+    returns in each checkpointed layer (its output q*e and an fp32 log-sum-exp per head). transformers' offload keeps
+    the checkpointed inputs in host memory; trl's activation_offloading moves every saved activation there and brings
+    back one layer's worth for its backward.
+    """
+    h, e, layers = shape.hidden, s.compute_bytes, shape.layers
+    if s.activation_offloading:
+        return per_layer
+    if not s.gradient_checkpointing:
+        return layers * per_layer
+    checkpointed = math.ceil(layers / max(s.every_n_layers, 1))
+    kept = 0 if s.offload_checkpoints else h * e
+    if s.selective:
+        kept += shape.heads * shape.head_dim * e + shape.heads * 4
+    return checkpointed * kept + (layers - checkpointed) * per_layer + per_layer
 
 
 def settings_from_recipe(recipe, machine: Machine, shape: Shape) -> Settings:
@@ -431,8 +497,15 @@ def settings_from_recipe(recipe, machine: Machine, shape: Shape) -> Settings:
         optim=resolved.optim,
         batch_size=int(args["per_device_train_batch_size"]) * SEQUENCES_PER_EXAMPLE[recipe.method],
         length=recipe.data.max_length,
-        gradient_checkpointing=bool(args.get("gradient_checkpointing", True)),
+        gradient_checkpointing=resolved.memory.checkpointing,
         attn_implementation=resolved.attn_implementation,
+        every_n_layers=resolved.memory.every_n_layers,
+        selective=resolved.memory.selective,
+        offload_checkpoints=resolved.memory.offload_checkpoints,
+        activation_offloading=resolved.memory.activation_offloading,
+        liger=resolved.memory.liger,
+        full_logits=resolved.memory.full_logits,
+        triton=machine.on_gpu,
         lora_bytes=2 if compute == "bfloat16" else 4,
         unquantized_bytes=(2 if compute == "bfloat16" else 4) if bits else DTYPE_BYTES[weights],
     )
@@ -442,7 +515,7 @@ def parse_memory(text: str) -> int:
     """'80GiB', '80GB', '24G', '512MiB' -> bytes (G and GiB are binary, GB is decimal)."""
     match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
     if not match or not match.group(1).replace(".", "", 1).isdigit():
-        raise UserError(f"--gpu-memory: cannot read {text!r}: write e.g. 80GiB, 24GB or 48G")
+        raise UserError(f"--memory: cannot read {text!r}: write e.g. 80GiB, 24GB or 48G")
     number, prefix, suffix = float(match.group(1)), match.group(2), match.group(3)
     power = "_kmgt".index(prefix) if prefix else 0
     base = 1000 if suffix == "b" else 1024
@@ -480,7 +553,68 @@ def plan_recipe(recipe, budget_bytes: int | None = None, machine: Machine | None
         result.budget_bytes = budget_bytes - HEADROOM_BYTES
         if not result.fits:
             result.suggestions = suggest(shape, settings, result.budget_bytes)
+        result.longest = [
+            {"switch": label, "max_length": longest_length(shape, variant, result.budget_bytes)}
+            for label, variant in switch_variants(settings)
+        ]
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The longest sequence that fits, with and without each memory switch
+
+LENGTH_STEP = 128  # lengths are searched in multiples of this many tokens
+LENGTH_CAP = 2**22  # 4M tokens: past any model's positions, so a budget that fits more says "at least this"
+
+CHECKPOINTING = "training.activation_checkpointing"
+CHECKPOINT_KWARGS = "training.activation_checkpointing_kwargs"
+# (recipe key, Settings field, whether it refines checkpointing and so turns it on too)
+SWITCHES = (
+    (CHECKPOINTING, "gradient_checkpointing", False),
+    (f"{CHECKPOINT_KWARGS}.selective", "selective", True),
+    (f"{CHECKPOINT_KWARGS}.offload", "offload_checkpoints", True),
+    ("training.activation_offloading", "activation_offloading", False),
+    ("training.use_liger_kernel", "liger", False),
+)
+
+
+def longest_length(shape: Shape, s: Settings, budget: int, step: int = LENGTH_STEP, cap: int = LENGTH_CAP) -> int:
+    """The longest length, in multiples of ``step``, whose predicted peak at the settings' batch size fits ``budget``
+    (0: not even ``step`` tokens fit). Every part of the plan grows with the length, so a bisection finds it."""
+    from dataclasses import replace
+
+    def fits(multiple: int) -> bool:
+        return predict(shape, replace(s, length=multiple * step)).total <= budget
+
+    if not fits(1):
+        return 0
+    low, high = 1, cap // step
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low * step
+
+
+def switch_variants(s: Settings) -> list[tuple[str, Settings]]:
+    """The recipe's settings, then each memory switch flipped on its own (a refinement of checkpointing turns
+    checkpointing on with it), then the loss with the full logits (what label_smoothing_factor > 0 makes trl build)."""
+    from dataclasses import replace
+
+    variants = [("as the recipe says", s)]
+    for key, name, refines in SWITCHES:
+        value = not getattr(s, name)
+        changes = {name: value, **({"gradient_checkpointing": True} if refines and value else {})}
+        variants.append((f"{key}={str(value).lower()}", replace(s, **changes)))
+    if s.every_n_layers == 1:
+        changes = {"every_n_layers": 2, "gradient_checkpointing": True}
+        variants.append((f"{CHECKPOINT_KWARGS}.every_n_layers=2", replace(s, **changes)))
+    loss = (
+        "training.label_smoothing_factor=0 (chunked loss)"
+        if s.full_logits
+        else ("training.label_smoothing_factor>0 (full logits)")
+    )
+    variants.append((loss, replace(s, full_logits=not s.full_logits)))
+    return variants
 
 
 def suggest(shape: Shape, s: Settings, budget: int) -> list[str]:

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import math
 import re
 import tempfile
@@ -567,11 +566,6 @@ def _check_training(training: Any, method: str = "sft") -> list[str]:
     problems += _check_numbers(known)
     if not problems:
         problems += _check_steps(merged) or trainer_config_problems(merged, method=method)
-    if merged.get("use_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
-        problems.append(
-            "training.use_liger_kernel: the Liger kernels are not installed: pip install 'qlora-kit[liger]' "
-            "(GPU only), or remove the key"
-        )
     return problems
 
 

@@ -135,6 +135,7 @@ class Resolved:
     use_cpu: bool
     machine: Machine = field(default_factory=Machine)
     launch: Launch = field(default_factory=Launch)
+    memory: MemorySwitches = field(default_factory=lambda: MemorySwitches())
 
     def recipe_fields(self) -> dict[str, dict[str, Any]]:
         """The recipe keys whose ``auto`` (or machine default) this resolution decided, as recipe.yaml records them."""
@@ -169,6 +170,7 @@ def resolve(recipe: Recipe, machine: Machine | None = None, launch: Launch | Non
         use_cpu=bool(args.get("use_cpu", not machine.on_gpu)),
         machine=machine,
         launch=launch,
+        memory=memory_switches(recipe),
     )
 
 
@@ -240,3 +242,180 @@ def masks_packed_sequences(recipe: Recipe) -> bool:
         return False
     module = sys.modules[model_class.__module__]
     return any(hasattr(module, name) for name in ("create_causal_mask", "create_sliding_window_causal_mask"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The long-context memory switches: trl's and transformers' own, read once under their own names.
+
+# Keys of activation_checkpointing_kwargs (alias gradient_checkpointing_kwargs): transformers' every_n_layers and
+# offload, trl's selective, and the keywords torch.utils.checkpoint.checkpoint takes.
+CHECKPOINT_KEYS = (
+    "use_reentrant",
+    "every_n_layers",
+    "offload",
+    "selective",
+    "preserve_rng_state",
+    "determinism_check",
+)
+
+
+@dataclass(frozen=True)
+class MemorySwitches:
+    """How a training step keeps (or does not keep) what backward needs; each switch is a trl or transformers field.
+
+    checkpointing          activation_checkpointing (transformers 5; gradient_checkpointing is its deprecated alias)
+    use_reentrant          activation_checkpointing_kwargs.use_reentrant (torch's checkpoint)
+    every_n_layers         activation_checkpointing_kwargs.every_n_layers (transformers: checkpoint every n-th layer)
+    offload_checkpoints    activation_checkpointing_kwargs.offload (transformers: checkpointed inputs in host memory)
+    selective              activation_checkpointing_kwargs.selective (trl: keep attention outputs, recompute the rest)
+    activation_offloading  trl's SFTConfig field: every saved activation goes to host memory
+    liger                  use_liger_kernel (Liger's RMSNorm, SwiGLU and RoPE kernels; trl refuses its fused loss)
+    full_logits            trl computes the loss in chunks without the logits, unless label smoothing needs them
+    """
+
+    checkpointing: bool = True
+    use_reentrant: bool = False
+    every_n_layers: int = 1
+    offload_checkpoints: bool = False
+    selective: bool = False
+    activation_offloading: bool = False
+    liger: bool = False
+    full_logits: bool = False
+    kwargs: tuple[tuple[str, Any], ...] = ()  # the checkpointing kwargs as given, for the pre-flight check
+    kwargs_key: str = "activation_checkpointing_kwargs"  # or its alias, when that is what the recipe wrote
+
+    @property
+    def offloaded(self) -> bool:
+        return self.activation_offloading or (self.checkpointing and self.offload_checkpoints)
+
+
+def checkpointing_args(args: dict[str, Any]) -> tuple[bool, dict[str, Any], str]:
+    """Whether checkpointing is on, its kwargs and the key they came from, reading transformers' new names before
+    their deprecated aliases (as TrainingArguments does: the new name wins when it is set)."""
+    enabled = args.get("activation_checkpointing")
+    if enabled is None:
+        enabled = args.get("gradient_checkpointing", False)
+    key = "activation_checkpointing_kwargs"
+    if args.get(key) is None:
+        key = "gradient_checkpointing_kwargs"
+    kwargs = args.get(key)
+    return bool(enabled), dict(kwargs) if isinstance(kwargs, dict) else {}, key
+
+
+def memory_switches(recipe: Recipe) -> MemorySwitches:
+    """The recipe's long-context switches, with qlora-kit's defaults (non-reentrant checkpointing on)."""
+    args = training_args(recipe)
+    enabled, kwargs, key = checkpointing_args(args)
+    every = kwargs.get("every_n_layers", 1)
+    return MemorySwitches(
+        checkpointing=enabled,
+        use_reentrant=bool(kwargs.get("use_reentrant", False)),
+        every_n_layers=every if isinstance(every, int) and every >= 1 else 1,
+        offload_checkpoints=bool(kwargs.get("offload", False)),
+        selective=bool(kwargs.get("selective", False)),
+        activation_offloading=bool(args.get("activation_offloading", False)),
+        liger=bool(args.get("use_liger_kernel", False)),
+        full_logits=float(args.get("label_smoothing_factor") or 0) > 0,
+        kwargs=tuple(sorted(kwargs.items(), key=lambda item: item[0])),
+        kwargs_key=key,
+    )
+
+
+def memory_switch_problems(recipe: Recipe, machine: Machine, liger_types: frozenset[str] | None = None) -> list[str]:
+    """What cannot run here among the memory switches, each with the fix. ``liger_types`` are the model types Liger
+    patches (read from the installed package; None when it is not installed)."""
+    switches = memory_switches(recipe)
+    problems = checkpoint_kwarg_problems(switches)
+    if switches.activation_offloading and not machine.on_gpu:
+        problems.append(
+            "training.activation_offloading: trl moves activations from the GPU to host memory, and this machine "
+            f"({machine.name}) has no GPU (trl fails at the first step): remove it here, or train on a GPU machine"
+        )
+    if switches.checkpointing and switches.offload_checkpoints and not machine.on_gpu:
+        problems.append(
+            f"training.{switches.kwargs_key}.offload: transformers keeps the checkpointed inputs in pinned "
+            f"host memory, which needs a GPU; {machine.name} has none (torch refuses pinned memory): remove it here, "
+            "or train on a GPU machine"
+        )
+    return problems + liger_problems(recipe, machine, switches, liger_types)
+
+
+def checkpoint_kwarg_problems(switches: MemorySwitches) -> list[str]:
+    import difflib
+
+    kwargs = dict(switches.kwargs)
+    key = f"training.{switches.kwargs_key}"
+    problems = []
+    for name in kwargs:
+        if name not in CHECKPOINT_KEYS:
+            close = difflib.get_close_matches(name, CHECKPOINT_KEYS, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{key}.{name}: not a checkpointing option{hint}: use {', '.join(CHECKPOINT_KEYS)}")
+    every = kwargs.get("every_n_layers", 1)
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        problems.append(f"{key}.every_n_layers: must be a whole number of layers, 1 or more (got {every!r})")
+    if switches.selective and not switches.checkpointing:
+        problems.append(
+            f"{key}.selective: trl's selective checkpointing refines checkpointing, which is off: set "
+            "training.activation_checkpointing: true, or remove selective"
+        )
+    if switches.selective and switches.use_reentrant:
+        problems.append(
+            f"{key}.selective: trl's selective checkpointing needs non-reentrant checkpointing: set use_reentrant: "
+            "false, or remove selective"
+        )
+    return problems
+
+
+def liger_problems(
+    recipe: Recipe, machine: Machine, switches: MemorySwitches, liger_types: frozenset[str] | None
+) -> list[str]:
+    if not switches.liger:
+        return []
+    if not machine.on_gpu:
+        return [
+            "training.use_liger_kernel: Liger's kernels are Triton kernels for CUDA GPUs and this machine "
+            f"({machine.name}) has none: remove it here (trl already computes the loss in chunks without the "
+            "logits), or train on a GPU machine"
+        ]
+    if liger_types is None:
+        return [
+            "training.use_liger_kernel: the Liger kernels are not installed: pip install 'qlora-kit[liger]' on "
+            "this GPU machine, or remove the key"
+        ]
+    problems = []
+    config = dict(training_args(recipe).get("liger_kernel_config") or {})
+    if config.get("fused_linear_cross_entropy"):
+        problems.append(
+            "training.liger_kernel_config.fused_linear_cross_entropy: trl's SFTTrainer refuses it (it replaces the "
+            "forward that trl's own chunked loss patches, which already never builds the logits): remove it"
+        )
+    model_type = model_type_of(recipe)
+    if model_type is not None and model_type not in liger_types:
+        problems.append(
+            f"training.use_liger_kernel: Liger has no kernels for {model_type} models (it patches "
+            f"{', '.join(sorted(liger_types))}), so nothing would change: remove it"
+        )
+    return problems
+
+
+def model_type_of(recipe: Recipe) -> str | None:
+    """The model's config model_type, read without weights (None when the config is not on this machine)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            recipe.model.name_or_path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+        )
+    except (OSError, ValueError, KeyError):
+        return None
+    return getattr(config, "model_type", None)
+
+
+def installed_liger_types() -> frozenset[str] | None:
+    """The model types the installed Liger package patches, or None when it is not installed."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+
+    return frozenset(MODEL_TYPE_TO_APPLY_LIGER_FN)

@@ -247,6 +247,11 @@ def make_trainer(
     )
     keep_adapter_dtype(model, adapter_weights, resolved.compute_dtype)
     keep_packed_rows_apart(trainer, model, config)
+    if resolved.memory.selective:
+        from trl.models import enable_selective_activation_checkpointing
+
+        # trl wraps the PEFT wrapper, but transformers enables checkpointing on the base model: wrap that too.
+        enable_selective_activation_checkpointing(model.get_base_model())
     fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 1:
         from peft.utils.other import fsdp_auto_wrap_policy

@@ -38,6 +38,7 @@ SLOW_FILES = {
     "test_tracking.py",
     "test_cli_errors.py",  # each case starts a fresh interpreter
     "test_preference.py",
+    "test_gpu_suite.py",  # the suite's dry run trains, benchmarks and merges
     "test_sharded.py",  # FSDP2 over gloo: two CPU processes per run
 }
 SLOW_TESTS = {

@@ -77,15 +77,15 @@ def test_summary_skips_warmup_steps():
         bench.summarize(meter, warmup=3)
 
 
-def test_liger_without_the_extra_is_a_user_error(tmp_path, tiny_model_dir, arithmetic_rows):
-    recipe = tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows)
-    try:
-        import liger_kernel  # noqa: F401
-    except ImportError:
-        with pytest.raises(UserError, match=r"training.use_liger_kernel.*qlora-kit\[liger\]"):
-            load_recipe(recipe, ["training.use_liger_kernel=true"])
-    else:
-        assert load_recipe(recipe, ["training.use_liger_kernel=true"]).training["use_liger_kernel"] is True
+def test_liger_is_checked_for_the_machine_that_trains(tmp_path, tiny_model_dir, arithmetic_rows):
+    from qlora_kit.launch import preflight
+    from qlora_kit.resolve import Launch, Machine
+
+    # A GPU recipe validates anywhere; pre-flight refuses it where it cannot run (here: no GPU), in one line.
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows), ["training.use_liger_kernel=true"])
+    assert recipe.training["use_liger_kernel"] is True
+    with pytest.raises(UserError, match=r"training.use_liger_kernel: Liger's kernels are Triton kernels for CUDA"):
+        preflight(recipe, Launch(), Machine())
 
 
 def test_random_weight_architecture_trains_on_cpu(tmp_path, monkeypatch, arithmetic_rows):

@@ -82,7 +82,14 @@ def test_activation_formula_by_hand():
     full = plan.predict(shape, plan.Settings(**{**settings.__dict__, "gradient_checkpointing": False}))
     assert checkpointed == 20 * (2 * 64 * e + base + 2 * r * e)  # each layer's input kept, one layer recomputed
     assert full.parts["activations"] == 20 * 2 * (base + 2 * r * e)
-    assert full.parts["logits"] == 20 * 100 * (2 + 4 + 4)
+    # trl's chunked loss: per token the final hidden state (64e) and its fp32 gradient, 12 fp32 statistics; one
+    # 20 x 100 tile of the logits in the compute dtype (a Triton kernel folds it in place).
+    assert full.parts["logits"] == 20 * (64 * (e + 4) + 48) + 20 * 100 * e
+    on_cpu = plan.predict(shape, plan.Settings(**{**settings.__dict__, "triton": False}))
+    assert on_cpu.parts["logits"] == 20 * (64 * (e + 4) + 48) + 20 * 100 * (e + 7 * 4)
+    # label_smoothing_factor > 0: trl builds the logits; per token vocab x (bf16 + fp32 copy + fp32 gradient).
+    smoothed = plan.predict(shape, plan.Settings(**{**settings.__dict__, "full_logits": True}))
+    assert smoothed.parts["logits"] == 20 * 100 * (2 + 4 + 4)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +147,7 @@ def test_parse_memory():
     assert plan.parse_memory("80GiB") == 80 * 2**30
     assert plan.parse_memory("24GB") == 24 * 10**9
     assert plan.parse_memory("48G") == 48 * 2**30
-    with pytest.raises(UserError, match="--gpu-memory"):
+    with pytest.raises(UserError, match="--memory"):
         plan.parse_memory("lots")
 
 
@@ -180,5 +187,117 @@ def test_plan_cli(tmp_path, capsys):
     assert "quantized_weights" in out and "fits" in out and "does not fit" not in out
     assert main(["plan", str(path), "--gpu-memory", "12GB", "training.optim=paged_adamw_8bit"]) == 0
     assert "does not fit" in capsys.readouterr().out
-    assert main(["plan", str(path), "--gpu-memory", "many"]) == 2
-    assert "--gpu-memory" in capsys.readouterr().err
+    assert main(["plan", str(path), "--memory", "many"]) == 2
+    assert "--memory" in capsys.readouterr().err
+
+
+def test_loss_tiles_are_trls():
+    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    assert (plan.LOSS_TOKEN_TILE, plan.LOSS_VOCAB_TILE) == (TOKEN_CHUNK_SIZE, _CHUNKED_LOGPROB_CHUNK_SIZE)
+
+
+def test_each_checkpointing_choice_by_hand():
+    shape = plan.Shape(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, head_dim=16, vocab=100)
+    base = plan.Settings(r=8, targets=["q_proj"], lora_dropout=0.0, batch_size=1, length=10, compute_bytes=2)
+    layer = plan.layer_activation_bytes(shape, 2, 8, ["q_proj"], 0.0, "sdpa", 10)
+
+    def activations(**changes):
+        return plan.predict(shape, plan.Settings(**{**base.__dict__, **changes})).parts["activations"] // 10
+
+    assert activations() == 4 * 64 * 2 + layer  # every layer's input, one layer recomputed
+    assert activations(gradient_checkpointing=False) == 4 * layer
+    assert activations(every_n_layers=2) == 2 * 64 * 2 + 2 * layer + layer  # layers 0 and 2 checkpointed
+    assert activations(selective=True) == 4 * (64 * 2 + 64 * 2 + 4 * 4) + layer  # + attention output and lse
+    assert activations(offload_checkpoints=True) == layer  # the inputs wait in host memory
+    assert activations(activation_offloading=True) == activations(activation_offloading=True, every_n_layers=3)
+    assert activations(activation_offloading=True) == layer
+    # Liger: each of the two RMSNorms keeps 4 bytes instead of 2 x 64 x 4, the SwiGLU 3 x 128 x 2 instead of 4 x.
+    liger = plan.layer_activation_bytes(shape, 2, 8, ["q_proj"], 0.0, "sdpa", 10, liger=True)
+    assert layer - liger == 2 * (2 * 64 * 4 - 4) + 128 * 2
+
+
+def _longest(settings, shape, budget):
+    return plan.longest_length(shape, settings, budget)
+
+
+def test_longest_length_agrees_with_the_per_length_estimate():
+    from dataclasses import replace
+
+    shape = plan.Shape.from_config(plan.arch_config("arch:llama-3.1-8b"))
+    settings = plan.Settings(optim="paged_adamw_8bit", batch_size=1)
+    budget = 23 * 2**30
+    for _, variant in plan.switch_variants(settings):
+        longest = plan.longest_length(shape, variant, budget)
+        assert longest > 0 and longest % plan.LENGTH_STEP == 0
+        assert plan.predict(shape, replace(variant, length=longest)).total <= budget
+        assert plan.predict(shape, replace(variant, length=longest + plan.LENGTH_STEP)).total > budget
+    weights_only = plan.predict(shape, replace(settings, length=1)).total
+    assert plan.longest_length(shape, settings, weights_only // 2) == 0
+
+
+def test_each_switch_moves_the_longest_length_the_right_way():
+    shape = plan.Shape.from_config(plan.arch_config("arch:llama-3.1-8b"))
+    budget = 23 * 2**30
+    recipe = plan.Settings(optim="paged_adamw_8bit", batch_size=1)
+    longest = dict((label, plan.longest_length(shape, s, budget)) for label, s in plan.switch_variants(recipe))
+    default = longest["as the recipe says"]
+    key = "training.activation_checkpointing"
+    assert longest[f"{key}=false"] < longest[f"{key}_kwargs.every_n_layers=2"] < default
+    assert longest[f"{key}_kwargs.selective=true"] < default  # keeps attention outputs: faster, more memory
+    assert longest[f"{key}_kwargs.offload=true"] > default
+    assert longest["training.activation_offloading=true"] > default
+    assert longest["training.use_liger_kernel=true"] > default
+    assert longest["training.label_smoothing_factor>0 (full logits)"] < default
+    # Starting from checkpointing off, turning it on is the switch that helps.
+    off = plan.Settings(optim="paged_adamw_8bit", batch_size=1, gradient_checkpointing=False)
+    flipped = dict(plan.switch_variants(off))
+    assert plan.longest_length(shape, flipped[f"{key}=true"], budget) > plan.longest_length(shape, off, budget)
+    # A bigger budget never gives a shorter length.
+    assert plan.longest_length(shape, recipe, 40 * 2**30) > default
+
+
+def test_recipe_switches_reach_the_plan(tmp_path):
+    recipe = load_recipe(
+        _recipe_8b(tmp_path),
+        [
+            "training.activation_checkpointing_kwargs={every_n_layers: 2, offload: true}",
+            "training.use_liger_kernel=true",
+            "training.label_smoothing_factor=0.1",
+            "training.per_device_train_batch_size=1",
+        ],
+    )
+    shape = plan.Shape.from_config(plan.arch_config("arch:llama-3.1-8b"))
+    settings = plan.settings_from_recipe(recipe, ASSUMED_GPU, shape)
+    assert (settings.every_n_layers, settings.offload_checkpoints, settings.liger, settings.full_logits) == (
+        2,
+        True,
+        True,
+        True,
+    )
+    assert settings.gradient_checkpointing and settings.triton
+    off = load_recipe(_recipe_8b(tmp_path), ["training.activation_checkpointing=false"])
+    assert plan.settings_from_recipe(off, ASSUMED_GPU, shape).gradient_checkpointing is False
+    result = plan.plan_recipe(recipe, 24 * 2**30, ASSUMED_GPU)
+    assert result.longest[0]["switch"] == "as the recipe says" and result.longest[0]["max_length"] > 0
+
+
+def test_plan_cli_prints_the_longest_length(tmp_path, capsys):
+    path = _recipe_8b(tmp_path)
+    assert main(["plan", str(path), "--memory", "24GiB", "training.per_device_train_batch_size=1"]) == 0
+    out = capsys.readouterr().out
+    assert "longest data.max_length that fits, at batch 1" in out
+    assert "training.activation_offloading=true" in out
+
+
+def test_launch_doc_longest_length_table_is_the_planners(tmp_path):
+    import re
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "launch.md").read_text().split("## Long-context memory")[1]
+    stated = [int(n.replace(",", "")) for n in re.findall(r"^\| .+? \| ([\d,]+) \|$", text, re.M)]
+    overrides = ["training.per_device_train_batch_size=1", "training.optim=paged_adamw_8bit"]
+    result = plan.plan_recipe(load_recipe(_recipe_8b(tmp_path), overrides), 24 * 2**30, ASSUMED_GPU)
+    assert stated == [row["max_length"] for row in result.longest]

@@ -81,3 +81,90 @@ def test_recorded_fields_are_what_was_resolved():
     assert fields["quantization"]["bnb_4bit_compute_dtype"] == "bfloat16"
     assert fields["model"]["attn_implementation"] == "flash_attention_2"
     assert fields["training"]["optim"] == "paged_adamw_8bit" and fields["training"]["bf16"] is True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The long-context memory switches
+
+
+def test_memory_switches_read_transformers_names_before_their_aliases():
+    from qlora_kit.resolve import memory_switches
+
+    default = memory_switches(recipe())
+    assert (default.checkpointing, default.use_reentrant, default.every_n_layers) == (True, False, 1)
+    assert not (default.offloaded or default.liger or default.full_logits or default.selective)
+    # activation_checkpointing (transformers 5) wins over qlora-kit's default gradient_checkpointing: true.
+    assert memory_switches(recipe(training={"activation_checkpointing": False})).checkpointing is False
+    switches = memory_switches(
+        recipe(
+            training={
+                "gradient_checkpointing_kwargs": {"use_reentrant": True},
+                "activation_checkpointing_kwargs": {"every_n_layers": 3, "selective": True},
+                "activation_offloading": True,
+                "label_smoothing_factor": 0.1,
+            }
+        )
+    )
+    assert (switches.every_n_layers, switches.selective, switches.use_reentrant) == (3, True, False)
+    assert switches.activation_offloading and switches.offloaded and switches.full_logits
+    assert resolve(recipe(training={"activation_offloading": True}), H100, Launch()).memory.activation_offloading
+
+
+def test_memory_switches_that_cannot_run_here_are_one_line_each():
+    def problems(machine, liger_types=None, **training):
+        from qlora_kit.resolve import memory_switch_problems
+
+        return memory_switch_problems(recipe(training=training), machine, liger_types)
+
+    assert problems(CPU) == [] and problems(H100) == []
+    (offloading,) = problems(CPU, activation_offloading=True)
+    assert offloading.startswith("training.activation_offloading:") and "GPU" in offloading
+    assert problems(H100, activation_offloading=True) == []
+    (offload,) = problems(CPU, activation_checkpointing_kwargs={"offload": True})
+    assert offload.startswith("training.activation_checkpointing_kwargs.offload:") and "pinned" in offload
+    assert problems(A100, activation_checkpointing_kwargs={"offload": True}) == []
+    (liger,) = problems(CPU, use_liger_kernel=True)
+    assert "Triton" in liger and "GPU" in liger
+    (missing,) = problems(H100, None, use_liger_kernel=True)
+    assert "pip install 'qlora-kit[liger]'" in missing
+    assert problems(H100, frozenset({"llama"}), use_liger_kernel=True) == []
+    (fused,) = problems(
+        H100, frozenset({"llama"}), use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True}
+    )
+    assert fused.startswith("training.liger_kernel_config.fused_linear_cross_entropy:")
+    (typo,) = problems(CPU, activation_checkpointing_kwargs={"use_reentrent": True})
+    assert "did you mean 'use_reentrant'" in typo
+    assert len(problems(CPU, activation_checkpointing_kwargs={"every_n_layers": 0})) == 1
+    (selective_off,) = problems(
+        CPU, activation_checkpointing=False, activation_checkpointing_kwargs={"selective": True}
+    )
+    assert "checkpointing, which is off" in selective_off
+    (reentrant,) = problems(CPU, gradient_checkpointing_kwargs={"selective": True, "use_reentrant": True})
+    assert reentrant.startswith("training.gradient_checkpointing_kwargs.selective:") and "non-reentrant" in reentrant
+
+
+def test_liger_on_an_architecture_it_does_not_patch(tiny_model_dir):
+    from qlora_kit.resolve import memory_switch_problems
+
+    llama = validate(
+        {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"train": [{"path": "x.jsonl"}]},
+            "training": {"use_liger_kernel": True},
+        }
+    )
+    (problem,) = memory_switch_problems(llama, H100, frozenset({"mistral", "qwen2"}))
+    assert "no kernels for llama models" in problem and "mistral, qwen2" in problem
+    assert memory_switch_problems(llama, H100, frozenset({"llama"})) == []
+
+
+def test_preflight_refuses_offloading_on_cpu_in_one_line():
+    with pytest.raises(UserError, match=r"^pre-flight check found a problem: training.activation_offloading: ") as err:
+        launch.preflight(recipe(training={"activation_offloading": True}), Launch(), CPU)
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="pre-flight check found 2 problems: .*offload.*use_liger_kernel"):
+        launch.preflight(
+            recipe(training={"use_liger_kernel": True, "activation_checkpointing_kwargs": {"offload": True}}),
+            Launch(),
+            CPU,
+        )

@@ -1,0 +1,354 @@
+"""The GPU suite: one command, every number the GPU targets need, written to a dated section of benchmarks/RESULTS.md.
+
+    make bench-gpu          # = python benchmarks/gpu_suite.py: one NVIDIA GPU, the Llama-3.1-8B shape
+    make bench-gpu-dry      # = python benchmarks/gpu_suite.py --dry-run: the same stages on CPU, a tiny shape
+
+Stages, all on random weights of the shape (no download; qlora_kit/bench/shapes.py builds and caches them):
+
+1. training: qlora-kit beside a plain trl + peft script (`qlora-kit bench train`, each side in its own process) on
+   the same mixed-length chat data (benchmarks/train_vs_trl.py writes it): tokens/s, MFU, peak VRAM, and the
+   planner's prediction for each side;
+2. the long-context ladder (benchmarks/long_context.py): peak memory of one step per length with and without each
+   memory switch, beside the planner;
+3. a short qlora-kit run, merged and verified (`qlora-kit merge`'s logit, loss and generation checks);
+4. the section: machine, versions, every figure, and the targets with pass or fail: at least 1.5x the plain script's
+   tokens/s, at most 0.6x its peak VRAM, at least 40% MFU.
+
+Without a GPU, `make bench-gpu` says so in one `error:` line and points to the dry run, which writes its section to
+--results (benchmarks/out/RESULTS-dry-run.md from make) so the committed file only ever holds GPU figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import long_context  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import train_vs_trl  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"tokens_per_second": 1.5, "peak_vram": 0.6, "mfu": 0.40}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """What each stage runs: the 8B shape on a GPU, a tiny one for the dry run."""
+
+    model: str
+    max_length: int
+    batch_size: int
+    rows: int
+    max_words: int
+    warmup_steps: int
+    steps: int
+    lengths: tuple[int, ...]
+    merge_steps: int
+
+
+FULL = Sizes(
+    model="arch:llama-3.1-8b",
+    max_length=2048,
+    batch_size=4,
+    rows=400,
+    max_words=600,
+    warmup_steps=2,
+    steps=6,
+    lengths=(4096, 16384, 32768),
+    merge_steps=4,
+)
+DRY = Sizes(
+    model="arch:llama-3.1-8b,num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
+    "num_key_value_heads=2,vocab_size=4096",
+    max_length=128,
+    batch_size=2,
+    rows=24,
+    max_words=60,
+    warmup_steps=1,
+    steps=1,
+    lengths=(64, 128),
+    merge_steps=2,
+)
+# Switches that keep checkpointing on share one process (one model load), trl's selective checkpointing last (it wraps
+# the model for good); turning checkpointing off needs a process of its own. The dry run checks the same code path
+# with the first process only.
+LADDER_GROUPS = [
+    [
+        "default",
+        "every_n_layers=2",
+        "offload=true",
+        "activation_offloading=true",
+        "use_liger_kernel=true",
+        "selective=true",
+    ],
+    ["activation_checkpointing=false"],
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def write_data(sizes: Sizes, tokenizer: str, workdir: Path) -> Path:
+    """The mixed-length chat data and recipe benchmarks/train_vs_trl.py writes, at these sizes."""
+    args = argparse.Namespace(
+        model=sizes.model,
+        tokenizer=tokenizer,
+        max_length=sizes.max_length,
+        batch_size=sizes.batch_size,
+        optim=None,
+        rows=sizes.rows,
+        min_words=8,
+        max_words=sizes.max_words,
+    )
+    return train_vs_trl.write_recipe(args, workdir)
+
+
+def training_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any]:
+    from qlora_kit.bench import bench_train
+
+    overrides = [f"data.cache_dir={workdir / 'data-cache'}"]
+    report = bench_train(str(recipe_path), overrides, sizes.warmup_steps, sizes.steps, baseline=True, progress=print)
+    report["baseline_plan"] = baseline_plan(str(recipe_path), [*overrides, f"model.name_or_path={report['model']}"])
+    return report
+
+
+def baseline_plan(recipe_path: str, overrides: list[str]) -> dict[str, Any]:
+    """The planner for the plain script: peft's fp32 upcast of the unquantized weights kept (qlora-kit undoes it), and
+    rows padded to the longest in the batch, at most max_length (so this is its upper bound)."""
+    from qlora_kit.plan import Shape, predict, read_config, settings_from_recipe
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.resolve import this_machine
+
+    recipe = load_recipe(recipe_path, overrides)
+    config, source = read_config(recipe.model.name_or_path)
+    shape = Shape.from_config(config, name=source)
+    settings = settings_from_recipe(recipe, this_machine(), shape)
+    return predict(shape, replace(settings, unquantized_bytes=4)).as_dict()
+
+
+def ladder_stage(sizes: Sizes, tokenizer: str, dry_run: bool) -> dict[str, Any]:
+    groups = LADDER_GROUPS[:1] if dry_run else LADDER_GROUPS
+    return long_context.ladder(sizes.model, tokenizer, list(sizes.lengths), groups, step_limit_s=120)
+
+
+def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any]:
+    """A short qlora-kit run of the shape, merged and verified; the merge report's verification figures."""
+    from qlora_kit.bench.shapes import materialize_architecture
+    from qlora_kit.merge import REPORT_NAME, merge_run
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.train import train
+
+    overrides = [
+        f"data.cache_dir={workdir / 'data-cache'}",
+        "data.eval_split=0.1",
+        f"training.max_steps={sizes.merge_steps}",
+        "training.save_strategy=no",
+        "training.report_to=none",
+        "eval.num_samples=1",
+        "eval.max_new_tokens=4",
+        "eval.max_examples=8",
+        "merge.verify_examples=4",
+        "merge.verify_generations=2",
+    ]
+    recipe = load_recipe(recipe_path, overrides)
+    materialize_architecture(recipe)
+    run_dir = workdir / "merge-run"
+    started = time.perf_counter()
+    train(recipe, run_dir, force=True)
+    trained = time.perf_counter() - started
+    merge_run(run_dir, force=True)
+    report = json.loads((run_dir / "merged" / REPORT_NAME).read_text())
+    verification = report["verification"] or {}
+    keys = ("max_abs_logit_diff", "mean_abs_logit_diff", "loss_diff", "generation_agreement", "passed", "failures")
+    return {
+        "train_seconds": trained,
+        "merge_seconds": time.perf_counter() - started - trained,
+        "strategy": report["strategy"],
+        "dtype": report["dtype"],
+        "output_bytes": report["output_bytes"],
+        **{key: verification.get(key) for key in keys},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets and the RESULTS.md section
+
+
+def memory_of(side: dict[str, Any]) -> int:
+    memory = side["memory"]
+    return memory.get("cuda_peak_allocated_bytes", memory.get("peak_rss_bytes"))
+
+
+def targets(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with its measured value and pass/fail (None where it cannot be judged: MFU without a GPU)."""
+    toolkit, baseline = training["sides"]["toolkit"], training["sides"]["baseline"]
+    speed = toolkit["tokens_per_second"] / baseline["tokens_per_second"]
+    memory = memory_of(toolkit) / memory_of(baseline)
+    mfu = toolkit.get("mfu")
+    return [
+        {"target": f"tokens/s >= {TARGETS['tokens_per_second']}x plain trl", "value": f"{speed:.2f}x",
+         "passed": speed >= TARGETS["tokens_per_second"]},
+        {"target": f"peak VRAM <= {TARGETS['peak_vram']}x plain trl", "value": f"{memory:.2f}x",
+         "passed": memory <= TARGETS["peak_vram"]},
+        {"target": f"MFU >= {TARGETS['mfu']:.0%}", "value": "n/a (no GPU)" if mfu is None else f"{mfu:.1%}",
+         "passed": None if mfu is None else mfu >= TARGETS["mfu"]},
+    ]  # fmt: skip
+
+
+def _mib(value: int | None) -> str:
+    return "–" if value is None else f"{value / 2**20:,.0f} MiB"
+
+
+def training_table(training: dict[str, Any]) -> list[str]:
+    sides = training["sides"]
+    toolkit, baseline = sides["toolkit"], sides["baseline"]
+    plans = (training["plan"]["total_bytes"], training["baseline_plan"]["total_bytes"])
+    rows = [
+        ("tokens/s (real example tokens)", *(f"{s['tokens_per_second']:,.1f}" for s in (toolkit, baseline))),
+        ("MFU (6N)", *("n/a" if s.get("mfu") is None else f"{s['mfu']:.1%}" for s in (toolkit, baseline))),
+        ("peak memory (measured)", *(_mib(memory_of(s)) for s in (toolkit, baseline))),
+        ("peak memory (planner)", *(_mib(p) for p in plans)),
+        ("step time, mean (s)", *(f"{s['step_time_mean_s']:.2f}" for s in (toolkit, baseline))),
+        ("padding efficiency", *(f"{s['padding_efficiency']:.1%}" for s in (toolkit, baseline))),
+    ]
+    lines = ["| figure | qlora-kit | plain trl |", "|---|---|---|"]
+    return lines + [f"| {a} | {b} | {c} |" for a, b, c in rows]
+
+
+def section(result: dict[str, Any], command: str) -> str:
+    """The dated RESULTS.md section for one suite run."""
+    training, machine = result["training"], result["training"]["machine"]
+    where = (
+        f"{machine['gpu']} ({machine['gpu_memory_bytes'] / 2**30:.0f} GiB)"
+        if "gpu" in machine
+        else (f"{machine['cpus']}-core CPU ({machine['cpu']}), no GPU")
+    )
+    kind = "GPU suite, dry run (tiny shape: checks the suite, not the targets)" if result["dry_run"] else "GPU suite"
+    versions = ", ".join(f"{k} {v}" for k, v in training["versions"].items())
+    lines = [
+        f"## {kind}: {result['date']}",
+        "",
+        "```bash",
+        command,
+        "```",
+        "",
+        f"**Machine**: {where}, {machine['platform']}. **Versions**: {versions}. **Model**: "
+        f"`{result['model']}`, random weights, QLoRA r=16 on all linear layers, "
+        f"{result['sizes']['max_length']}-token rows, batch {result['sizes']['batch_size']}. "
+        f"**Wall time**: {result['seconds']:.0f} s ({'within' if result['seconds'] <= 480 else 'over'} the 8-minute "
+        "budget).",
+        "",
+        *training_table(training),
+        "",
+        "| target | measured | result |",
+        "|---|---|---|",
+        *(
+            f"| {t['target']} | {t['value']} | {'n/a' if t['passed'] is None else 'pass' if t['passed'] else 'FAIL'} |"
+            for t in result["targets"]
+        ),
+        "",
+        "Long-context ladder (`benchmarks/long_context.py`; one step per length, memory the step adds):",
+        "",
+        long_context.markdown(result["ladder"]).rstrip(),
+        "",
+        _merge_line(result["merge"]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _merge_line(merge: dict[str, Any]) -> str:
+    verdict = "passed" if merge["passed"] else f"FAILED ({'; '.join(merge['failures'] or [])})"
+    agreement = merge["generation_agreement"]
+    return (
+        f"Merge ({merge['strategy']}, {merge['dtype']}, {merge['output_bytes'] / 2**30:.2f} GiB written, "
+        f"{merge['merge_seconds']:.0f} s after a {merge['train_seconds']:.0f} s run): verification {verdict}; "
+        f"max |logit difference| {merge['max_abs_logit_diff']:.3g}, mean {merge['mean_abs_logit_diff']:.3g}, "
+        f"loss difference {merge['loss_diff']:.3g}, greedy generations agreeing "
+        f"{'–' if agreement is None else f'{agreement:.0%}'}."
+    )
+
+
+def append_section(results: Path, text: str) -> None:
+    """Append the section to ``results`` atomically (written beside it, then renamed over it)."""
+    previous = results.read_text() if results.is_file() else "# Benchmark results\n"
+    staged = results.with_name(f".{results.name}.partial")
+    staged.write_text(previous.rstrip("\n") + "\n\n" + text)
+    staged.replace(results)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def run_suite(dry_run: bool, tokenizer: str, results: Path, command: str) -> dict[str, Any]:
+    sizes = DRY if dry_run else FULL
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch:
+        workdir = Path(scratch)
+        recipe_path = write_data(sizes, tokenizer, workdir)
+        print("stage 1/3: qlora-kit beside plain trl", flush=True)
+        training = training_stage(recipe_path, sizes, workdir)
+        print("stage 2/3: the long-context ladder", flush=True)
+        ladder = ladder_stage(sizes, tokenizer, dry_run)
+        print("stage 3/3: a short run, merged and verified", flush=True)
+        merge = merge_stage(recipe_path, sizes, workdir)
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "dry_run": dry_run,
+        "model": sizes.model,
+        "sizes": sizes.__dict__,
+        "training": training,
+        "targets": targets(training),
+        "ladder": ladder,
+        "merge": merge,
+        "seconds": time.perf_counter() - started,
+    }
+    text = section(result, command)
+    append_section(results, text)
+    print(text)
+    print(f"written: {results}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="every stage on CPU with a tiny shape")
+    parser.add_argument(
+        "--results",
+        help="the Markdown file the section is appended to (default benchmarks/RESULTS.md; with --dry-run "
+        "benchmarks/out/RESULTS-dry-run.md, so dry runs never reach the committed file)",
+    )
+    parser.add_argument("--tokenizer", default=str(REPO / "models" / "demo-base"))
+    parser.add_argument("--json", help="also write every figure here")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print(
+            "error: make bench-gpu needs one NVIDIA GPU and this machine has none: run `make bench-gpu-dry` "
+            "(python benchmarks/gpu_suite.py --dry-run) to run every stage on CPU with a tiny shape",
+            file=sys.stderr,
+        )
+        return 2
+    default = REPO / "benchmarks" / ("out/RESULTS-dry-run.md" if args.dry_run else "RESULTS.md")
+    results = Path(args.results) if args.results else default
+    results.parent.mkdir(parents=True, exist_ok=True)
+    command = "make bench-gpu-dry" if args.dry_run else "make bench-gpu"
+    result = run_suite(args.dry_run, args.tokenizer, results, command)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
