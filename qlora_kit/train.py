@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
@@ -168,16 +168,24 @@ class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
         super().__init__(*args, **kwargs)
         self.loss_tokens = 0
         self.last_log = (0, time.perf_counter())
+        self.full_logits_loss = False  # set by make_trainer (see full_logits_fit)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if not self.model.training:
             return super().compute_loss(model, inputs, *args, **kwargs)
         self.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
         counted = self._total_train_tokens
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        if isinstance(self.data_collator, PackedRowsCollator):
+        if self.full_logits_loss:
+            # The model's own cross-entropy (transformers' Trainer.compute_loss, summed over the trained tokens and
+            # divided by num_items_in_batch like trl's); trl's entropy and token accuracy are not logged then.
+            result = Trainer.compute_loss(self, model, inputs, *args, **kwargs)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        else:
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.full_logits_loss or isinstance(self.data_collator, PackedRowsCollator):
             # trl counts one row's width when there is no attention mask; count every row's real tokens.
-            real = torch.tensor(real_token_count(inputs, self.data_collator.pad_token_id), device=self.args.device)
+            pad_token_id = self.processing_class.pad_token_id
+            real = torch.tensor(real_token_count(inputs, pad_token_id), device=self.args.device)
             self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
         return result
 
@@ -208,6 +216,22 @@ def keep_adapter_dtype(model, adapter_weights: dict[str, torch.Tensor], dtype: t
         original = adapter_weights.get(name)
         if original is not None and param.dtype != original.dtype:
             param.data = original
+
+
+# Below this size a micro-batch's float32 logits cost less than trl's chunked LM head saves in memory, and the plain
+# cross-entropy is faster: one matmul and one fused loss instead of tiles with log-softmax, entropy and top-1 each.
+FULL_LOGITS_LIMIT_BYTES = 256 * 2**20
+
+
+def full_logits_fit(config, model) -> bool:
+    """Whether a micro-batch's logits are small enough to compute the loss on them whole (see FULL_LOGITS_LIMIT_BYTES).
+
+    Positions per micro-batch x vocabulary x 4 bytes (the float32 upcast the loss makes); packing fills every row to
+    max_length. The demo: 8 x 128 x 768 x 4 = 3 MiB. Llama-3.1-8B at 4 x 2048 with 128,256 tokens: 4 GiB (chunked).
+    """
+    vocab = model.get_output_embeddings().weight.shape[0]
+    positions = config.per_device_train_batch_size * (config.max_length or 1024)
+    return positions * vocab * 4 <= FULL_LOGITS_LIMIT_BYTES
 
 
 def keep_packed_rows_apart(trainer, model, config) -> bool:
@@ -241,6 +265,7 @@ def make_trainer(
     )
     keep_adapter_dtype(model, adapter_weights, resolved.compute_dtype)
     keep_packed_rows_apart(trainer, model, config)
+    trainer.full_logits_loss = full_logits_fit(config, model)
     if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
         from peft.utils.other import fsdp_auto_wrap_policy
 
