@@ -24,7 +24,7 @@ from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data import cache as data_cache
-from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
+from qlora_kit.data.collate import PackedRowsCollator, real_token_count
 from qlora_kit.errors import TrainingStopped, UserError
 from qlora_kit.evaluate import compare_base_and_tuned
 from qlora_kit.recipe import (
@@ -35,7 +35,7 @@ from qlora_kit.recipe import (
     to_yaml,
     training_args,
 )
-from qlora_kit.resolve import Launch, Resolved, resolve
+from qlora_kit.resolve import Launch, Resolved, packed_layout, resolve
 
 
 @dataclass
@@ -237,7 +237,7 @@ def full_logits_fit(config, model) -> bool:
 def keep_packed_rows_apart(trainer, model, config) -> bool:
     """Swap trl's one-row padding-free collator for separate packed rows unless the kernel is varlen (see collate)."""
     kernel = getattr(model.config, "_attn_implementation", None)
-    if not getattr(trainer, "padding_free", False) or kernel in VARLEN_KERNELS:
+    if not getattr(trainer, "padding_free", False) or packed_layout(kernel) == "one-row":
         return False
     trainer.data_collator = PackedRowsCollator(trainer.processing_class.pad_token_id, config.pad_to_multiple_of)
     return True
