@@ -69,9 +69,10 @@ class Job:
     dropout: float
     double_quant: bool
     packing: bool
+    end_of_turn: str
 
 
-def job_from_recipe(path: Path, steps: int, packing: bool) -> Job:
+def job_from_recipe(path: Path, steps: int, packing: bool, end_of_turn: str) -> Job:
     from qlora_kit.recipe import load_recipe, training_args
 
     recipe = load_recipe(str(path))
@@ -96,6 +97,7 @@ def job_from_recipe(path: Path, steps: int, packing: bool) -> Job:
         dropout=recipe.lora.lora_dropout,
         double_quant=recipe.quantization.bnb_4bit_use_double_quant,
         packing=packing,
+        end_of_turn=end_of_turn,
     )
 
 
@@ -230,9 +232,13 @@ def axolotl_config(job: Job, out: Path) -> list[str]:
                 "type": "chat_template",
                 "field_messages": "messages",
                 "roles_to_train": ["assistant"],
+                "train_on_eot": "turn",
             }
         ],
         "chat_template": "tokenizer_default",
+        # The demo tokenizer's EOS (<|endoftext|>) never appears in a ChatML render; the turn ends with <|im_end|>,
+        # which qlora-kit trains (it is what makes the model stop). axolotl trains it only when named here.
+        "eot_tokens": [job.end_of_turn],
         "dataset_prepared_path": str(out / "axolotl-prepared"),
         "val_set_size": 0,
         "sequence_len": job.max_length,
@@ -383,19 +389,26 @@ from qlora_kit.recipe import load_recipe
 recipe = load_recipe(sys.argv[1], ["data.cache=false"])
 tokenizer = tokenizer_rules.load_tokenizer(recipe)
 prepared = data_stage.build_datasets(recipe, tokenizer, show_progress=False)
+# Score each answer up to and including its end-of-turn token: the template's newline after it is formatting that
+# generation never produces, and not every tool trains it (axolotl does not), so it would decide the comparison alone.
+end = tokenizer.convert_tokens_to_ids(sys.argv[3])
+ids = prepared.eval["input_ids"]
+labels = [[-100 if i and row[i - 1] == end else label for i, label in enumerate(lab)]
+          for row, lab in zip(ids, prepared.eval["labels"])]
+scored = {"input_ids": ids, "labels": labels}
 losses = {}
 for name, adapter in json.loads(sys.argv[2]).items():
     model = PeftModel.from_pretrained(model_stage.load_base_model(recipe, tokenizer), adapter)
-    losses[name] = heldout_loss(model, prepared.eval, tokenizer.pad_token_id)
+    losses[name] = heldout_loss(model, scored, tokenizer.pad_token_id)
 print(json.dumps(losses))
 """
 
 
-def heldout_losses(recipe: Path, adapters: dict[str, str]) -> dict[str, float]:
+def heldout_losses(recipe: Path, adapters: dict[str, str], end_of_turn: str) -> dict[str, float]:
     """One script, one tokenization of the held-out data, for every tool's adapter."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", HELDOUT, str(recipe), json.dumps(adapters)],
+        [sys.executable, "-c", HELDOUT, str(recipe), json.dumps(adapters), end_of_turn],
         capture_output=True,
         text=True,
         env=env,
@@ -424,6 +437,19 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def rescore(args: argparse.Namespace, job: Job) -> None:
+    """The held-out loss of the last round's adapters, written over every round's figure in peers.json."""
+    report = json.loads((args.workdir / "peers.json").read_text())
+    results = report["results"]
+    adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in results}
+    for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn).items():
+        for run in results[tool]:
+            run["heldout_loss"] = loss
+    report["heldout_rescored_from_last_round"] = True
+    (args.workdir / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(table(results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
@@ -431,10 +457,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, the same for every tool")
     parser.add_argument("--no-packing", dest="packing", action="store_false")
+    parser.add_argument("--end-of-turn", default="<|im_end|>", help="the chat template's end-of-turn token (ChatML)")
     parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qlora-kit-peers")
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "out" / "peers")
     parser.add_argument("--install-only", action="store_true")
+    parser.add_argument(
+        "--heldout-only",
+        action="store_true",
+        help="recompute the held-out loss of the adapters the last round left in --workdir and reprint the table",
+    )
     args = parser.parse_args()
 
     args.cache_dir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +474,10 @@ def main() -> None:
     print("install seconds:", {k: round(v) for k, v in installs.items()}, flush=True)
     if args.install_only:
         return
-    job = job_from_recipe(args.recipe, args.steps, args.packing)
+    job = job_from_recipe(args.recipe, args.steps, args.packing, args.end_of_turn)
+    if args.heldout_only:
+        rescore(args, job)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     commands = {
         "qlora-kit": (sys.executable, qlora_kit_config(job, args.workdir, args.recipe.resolve())),
@@ -463,7 +498,7 @@ def main() -> None:
             results[tool].append(run)
             print(f"round {round_} {tool}: " + json.dumps({k: round(v, 3) for k, v in run.items()}), flush=True)
         adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in args.tools}
-        for tool, loss in heldout_losses(args.recipe.resolve(), adapters).items():
+        for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn).items():
             results[tool][-1]["heldout_loss"] = loss
     report = {"job": asdict(job), "threads": args.threads, "installs_s": installs, "results": results}
     report["left_out"] = {tool: error for tool, error in broken.items() if error}
