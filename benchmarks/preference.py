@@ -1,8 +1,14 @@
-"""qlora-kit DPO beside a plain trl DPOTrainer script: same 4-bit model, LoRA, data and steps, in one run.
+"""qlora-kit DPO beside a plain trl DPOTrainer script and beside qlora-kit SFT: same 4-bit model, LoRA, data and
+steps, in one run.
 
-Each side runs in its own process (so peak memory is its own) and reports steps/s, peak resident memory and the
+Each side runs in its own process (so peak memory is its own) and reports steps/s, peak resident memory (and its rise
+above the process's memory once its libraries are imported, which is what the model, data and training add) and the
 held-out reward accuracy: the share of held-out pairs whose chosen answer gets the higher DPO implicit reward
-beta * (logp_policy - logp_reference), the reference being the adapter-disabled base on both sides.
+beta * (logp_policy - logp_reference), the reference being the adapter-disabled base on both DPO sides.
+
+The SFT side trains on the chosen conversations (prompt + chosen) with the same max_length, no packing, and twice the
+examples per step, so it runs as many sequences per step as DPO (a pair is a chosen and a rejected sequence): its
+peak memory is the SFT cost DPO's is compared with (DPO's extra is the reference pass, on the same weights).
 
     python benchmarks/preference.py --steps 30        # from the repository root; prints a markdown table
 """
@@ -40,6 +46,45 @@ def toolkit(args) -> dict:
     return {
         "steps_per_s": metrics["steps"] / metrics["train_runtime_s"],
         "reward_accuracy": metrics["preference_comparison"]["tuned"]["reward_accuracy"],
+        "train_loss_last": metrics["train_loss_last"],
+    }
+
+
+def toolkit_sft(args) -> dict:
+    from qlora_kit.recipe import validate
+    from qlora_kit.train import train
+
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = {}
+        for split in ("train", "eval"):
+            pairs = [json.loads(line) for line in Path(getattr(args, split)).read_text().splitlines() if line.strip()]
+            rows = [{"messages": pair["prompt"] + pair["chosen"]} for pair in pairs]
+            paths[split] = Path(scratch) / f"{split}.jsonl"
+            paths[split].write_text("".join(json.dumps(row) + "\n" for row in rows))
+        training = {k: v for k, v in common(args).items() if k != "beta"}
+        recipe = validate(
+            {
+                "model": {"name_or_path": args.model},
+                "lora": LORA,
+                "data": {
+                    "train": [{"path": str(paths["train"])}],
+                    "eval": {"path": str(paths["eval"])},
+                    "max_length": args.max_length,
+                    "cache": False,
+                },
+                "training": {
+                    **training,
+                    "per_device_train_batch_size": 2 * args.batch,  # as many sequences as DPO's pairs hold
+                    "packing": False,
+                    "gradient_checkpointing": False,
+                },
+                "eval": {"batch_size": args.batch, "num_samples": 0},
+            }
+        )
+        metrics = train(recipe, Path(scratch) / "run").metrics
+    return {
+        "steps_per_s": metrics["steps"] / metrics["train_runtime_s"],
+        "reward_accuracy": None,
         "train_loss_last": metrics["train_loss_last"],
     }
 
@@ -111,15 +156,42 @@ def run_side(side: str, argv: list[str]) -> dict:
 
 def table(results: dict[str, dict]) -> str:
     lines = [
-        "| side | steps/s | peak RSS (MiB) | final train loss | held-out reward accuracy |",
-        "|---|---:|---:|---:|---:|",
+        "| side | steps/s | peak RSS (MiB) | peak RSS rise (MiB) | final train loss | held-out reward accuracy |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for side, r in results.items():
+        accuracy = "–" if r["reward_accuracy"] is None else f"{r['reward_accuracy']:.3f}"
         lines.append(
-            f"| {side} | {r['steps_per_s']:.3f} | {r['peak_rss_mib']:.0f} | {r['train_loss_last']:.4f} | "
-            f"{r['reward_accuracy']:.3f} |"
+            f"| {side} | {r['steps_per_s']:.3f} | {r['peak_rss_mib']:.0f} | {r['peak_rise_mib']:.0f} | "
+            f"{r['train_loss_last']:.4f} | {accuracy} |"
         )
+    dpo, sft = results["qlora-kit DPO"], results["qlora-kit SFT"]
+    lines += [
+        "",
+        f"qlora-kit DPO / SFT peak RSS: {dpo['peak_rss_mib'] / sft['peak_rss_mib']:.2f}x; above imports: "
+        f"{dpo['peak_rise_mib'] / sft['peak_rise_mib']:.2f}x",
+    ]
     return "\n".join(lines)
+
+
+def resident_mib() -> float:
+    """This process's resident memory now (Linux /proc), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def import_libraries() -> None:
+    """What every side imports, so that the memory a side adds above it is its model, data and training."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    import qlora_kit.preference  # noqa: F401
+    import qlora_kit.train  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,17 +203,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--side", choices=["toolkit", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.side:
-        result = toolkit(args) if args.side == "toolkit" else baseline(args)
+        import_libraries()
+        started = resident_mib()
+        result = SIDES[args.side][1](args)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        result["peak_rise_mib"] = result["peak_rss_mib"] - started
         Path(args.json).write_text(json.dumps(result))
         return
     forwarded = list(argv if argv is not None else sys.argv[1:])
-    results = {"qlora-kit": run_side("toolkit", forwarded), "plain trl DPOTrainer": run_side("baseline", forwarded)}
-    print(table(results))
+    print(table({label: run_side(side, forwarded) for side, (label, _) in SIDES.items()}))
+
+
+SIDES = {
+    "toolkit": ("qlora-kit DPO", toolkit),
+    "baseline": ("plain trl DPOTrainer", baseline),
+    "sft": ("qlora-kit SFT", toolkit_sft),
+}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class TrainProgress:
         self.console.print(
             f"data: {stats['rows']} training and {stats['eval_rows']} held-out examples ({formats}), "
             f"{stats['prompt_tokens']:,} prompt and {stats['answer_tokens']:,} answer tokens; truncated "
-            f"{stats['truncated']}, dropped {stats['dropped']}"
+            f"{stats['truncated']}, dropped {stats['dropped']}; cache {stats['cache']}"
         )
 
     def on_preference_done(self, metrics: dict[str, Any]) -> None:

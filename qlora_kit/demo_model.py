@@ -130,7 +130,8 @@ CORPUS_TEMPLATES: dict[str, list[str]] = {
     "reverse": ["The reverse of {w} is {ans}.", "Spelled backwards, {w} is {ans}."],
 }  # fmt: skip
 FAQ_FRACTION = 0.35  # share of corpus documents that are FAQs
-SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer with just the answer.", "You are a concise assistant."]
+TERSE_SYSTEM_PROMPT = "Answer with just the answer."
+SYSTEM_PROMPTS = ["You are a helpful assistant.", TERSE_SYSTEM_PROMPT, "You are a concise assistant."]
 
 # Filler vocabulary: plain sentences so the model also sees some ordinary language.
 _FILLER_ADJECTIVES = ["big", "small", "old", "happy", "quiet", "red", "green", "tall", "brave", "tired"]
@@ -249,6 +250,12 @@ def generate_task_rows(seed: int = DEFAULT_SEED) -> tuple[list[dict], list[dict]
     Returns:
         ``(train_rows, eval_rows)``, each row being ``{"messages": [...]}``.
     """
+    (train_facts, train_rows), (eval_facts, eval_rows) = task_split(seed)
+    return train_rows, eval_rows
+
+
+def task_split(seed: int = DEFAULT_SEED) -> tuple[tuple[list[Fact], list[dict]], tuple[list[Fact], list[dict]]]:
+    """The chat task's ``(facts, rows)`` for train and for eval, each row the chat row of the fact beside it."""
     rng = random.Random(seed)
     train_facts: list[Fact] = []
     eval_facts: list[Fact] = []
@@ -261,7 +268,8 @@ def generate_task_rows(seed: int = DEFAULT_SEED) -> tuple[list[dict], list[dict]
         train_facts += skill_facts[num_eval:]
     rng.shuffle(train_facts)
     rng.shuffle(eval_facts)
-    return [_chat_row(rng, fact) for fact in train_facts], [_chat_row(rng, fact) for fact in eval_facts]
+    train_rows = [_chat_row(rng, fact) for fact in train_facts]
+    return (train_facts, train_rows), (eval_facts, [_chat_row(rng, fact) for fact in eval_facts])
 
 
 def build_tokenizer(corpus: Sequence[str], vocab_size: int = DEFAULT_VOCAB_SIZE) -> PreTrainedTokenizerFast:
@@ -548,20 +556,37 @@ def _wrong_number(rng: random.Random, answer: str) -> str:
     return str(rng.choice([v for v in (value - 2, value - 1, value + 1, value + 2) if v >= 0]))
 
 
-def preference_rows(rows: Sequence[dict], seed: int = DEFAULT_SEED) -> list[dict]:
-    """Preference pairs from the numeric chat rows (addition, successor): the right answer chosen over a near miss."""
+def _wrong_answer(rng: random.Random, fact: Fact) -> str:
+    """A wrong answer of the right kind: a near miss for a number, another answer of the same skill for a word."""
+    if fact.answer.isdigit():
+        return _wrong_number(rng, fact.answer)
+    others = sorted({f.answer for f in all_facts() if f.skill == fact.skill and f.answer != fact.answer})
+    return rng.choice(others)
+
+
+# The answer the preference data prefers: the fact's answer in a sentence that says it is one.
+ANSWER_SENTENCE = "{ans} is the answer."
+STYLE_SHARE = 0.5  # share of pairs rejecting the right answer, bare; the others reject a wrong bare answer
+
+
+def preference_rows(facts: Sequence[Fact], rows: Sequence[dict], seed: int = DEFAULT_SEED) -> list[dict]:
+    """Preference pairs that teach what the chat data does not: answer in a full, correct sentence.
+
+    Chosen is the right answer in a sentence ("22 is the answer."). Rejected is a bare answer: half of the time the
+    right one, as the chat data (and so the SFT model) gives it ("22"), otherwise a wrong one (a near miss for a
+    number, another answer of the same skill for a word).
+    """
     rng = random.Random(seed)
     pairs = []
-    for row in rows:
-        *prompt, answer = row["messages"]
-        if not answer["content"].isdigit():
-            continue
-        wrong = _wrong_number(rng, answer["content"])
+    for fact, row in zip(facts, rows, strict=True):
+        *prompt, _ = row["messages"]
+        prompt = [m for m in prompt if m["content"] != TERSE_SYSTEM_PROMPT]  # it asks for the bare answer
+        rejected = fact.answer if rng.random() < STYLE_SHARE else _wrong_answer(rng, fact)
         pairs.append(
             {
                 "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": answer["content"]}],
-                "rejected": [{"role": "assistant", "content": wrong}],
+                "chosen": [{"role": "assistant", "content": ANSWER_SENTENCE.format(ans=fact.answer)}],
+                "rejected": [{"role": "assistant", "content": rejected}],
             }
         )
     return pairs
@@ -570,8 +595,9 @@ def preference_rows(rows: Sequence[dict], seed: int = DEFAULT_SEED) -> list[dict
 def write_preference_dataset(data_dir: str | os.PathLike, seed: int = DEFAULT_SEED) -> tuple[list[dict], list[dict]]:
     """Writes ``preference_train.jsonl`` and ``preference_eval.jsonl``: pairs on the same fact split as the chat task,
     so no held-out question is trained on."""
-    train_rows, eval_rows = generate_task_rows(seed)
-    train_pairs, eval_pairs = preference_rows(train_rows, seed), preference_rows(eval_rows, seed + 1)
+    (train_facts, train_rows), (eval_facts, eval_rows) = task_split(seed)
+    train_pairs = preference_rows(train_facts, train_rows, seed)
+    eval_pairs = preference_rows(eval_facts, eval_rows, seed + 1)
     write_jsonl(train_pairs, Path(data_dir) / "preference_train.jsonl")
     write_jsonl(eval_pairs, Path(data_dir) / "preference_eval.jsonl")
     return train_pairs, eval_pairs

@@ -17,7 +17,17 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from qlora_kit.recipe import OWNED_TRAINING_FIELDS, TRAINING_DEFAULTS, Recipe
+from qlora_kit.recipe import (
+    METHOD_CONFIGS,
+    METHOD_FIXED,
+    OWNED_PREFERENCE_FIELDS,
+    OWNED_TRAINING_FIELDS,
+    PREFERENCE_DEFAULTS,
+    PREFERENCE_DROPPED,
+    TRAINING_DEFAULTS,
+    Recipe,
+    field_choices,
+)
 
 COMMAND = "python -m qlora_kit.docs > docs/recipe-reference.md"
 
@@ -133,7 +143,42 @@ def training_section() -> list[str]:
     lines += ["", "These fields are set elsewhere in the recipe, and are errors under `training`:", ""]
     lines += ["| key | set it in |", "|---|---|"]
     lines += [f"| `{key}` | {_cell(where)} |" for key, where in OWNED_TRAINING_FIELDS.items()]
-    return lines + [""]
+    return lines + ["", *preference_training(), ""]
+
+
+def preference_training() -> list[str]:
+    """What changes under ``training`` for a preference method: its trl config, defaults, owned keys, choices."""
+    configs = ", ".join(f"`{name}` ({method})" for method, (_, name) in METHOD_CONFIGS.items() if method != "sft")
+    dropped = ", ".join(f"`{key}`" for key in PREFERENCE_DROPPED)
+    changed = ", ".join(f"`{key}: {_yaml_value(value)}`" for key, value in PREFERENCE_DEFAULTS.items())
+    lines = [
+        "### `training` for preference methods",
+        "",
+        "With a preference `method`, `training` takes the fields of that method's trl config instead:",
+        f"{configs}. The defaults above apply except {dropped} (not a preference field) and {changed}.",
+        "These keys are also set elsewhere:",
+        "",
+        "| key | set it in |",
+        "|---|---|",
+    ]
+    lines += [f"| `{key}` | {_cell(where)} |" for key, where in OWNED_PREFERENCE_FIELDS.items()]
+    lines += ["", "A method fixes these values (a different one is an error):", ""]
+    lines += [
+        f"- {method}: " + ", ".join(f"`{k}: {_yaml_value(v)}`" for k, v in fixed.items())
+        for method, fixed in METHOD_FIXED.items()
+    ]
+    lines += [
+        "",
+        "The loss choices each config accepts, read from the installed trl (every choice field is checked, a",
+        "typo gets the closest value suggested):",
+        "",
+    ]
+    lines += ["| method | key | values |", "|---|---|---|"]
+    for method in METHOD_CONFIGS:
+        for key, values in field_choices(method).items():
+            if "loss" in key or "divergence" in key:
+                lines.append(f"| {method} | `{key}` | {', '.join(f'`{v}`' for v in values)} |")
+    return lines
 
 
 def recipe_reference() -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,16 @@ def launch_from_profile(profile: dict[str, Any], name: str, processes: int | Non
     """The mode a profile will launch, with ``processes`` overriding its num_processes."""
     world = processes or int(profile.get("num_processes", 1))
     kind = str(profile.get("distributed_type", "NO")).upper()
+    source, machines = f"profile {name}", int(profile.get("num_machines") or 1)
     if kind == "FSDP":
-        return Launch("fsdp", world, source=f"profile {name}")
+        version = int((profile.get("fsdp_config") or {}).get("fsdp_version", 1))  # accelerate's default is 1
+        return Launch("fsdp", world, source=source, fsdp_version=version, machines=machines)
     if kind == "DEEPSPEED":
         stage = (profile.get("deepspeed_config") or {}).get("zero_stage")
-        return Launch("deepspeed", world, int(stage) if stage is not None else None, source=f"profile {name}")
+        return Launch("deepspeed", world, int(stage) if stage is not None else None, source, machines=machines)
     if kind.startswith("MULTI_") or world > 1:
-        return Launch("ddp", world, source=f"profile {name}")
-    return Launch(source=f"profile {name}")
+        return Launch("ddp", world, source=source, machines=machines)
+    return Launch(source=source)
 
 
 def is_launched(env: dict[str, str] | None = None) -> bool:
@@ -111,12 +114,21 @@ def launch_processes(profile: dict[str, Any], machine: Machine) -> int | None:
     return None
 
 
-def relaunch_command(profile_path: Path, argv: list[str], processes: int | None) -> list[str]:
+def relaunch_command(
+    profile_path: Path, argv: list[str], processes: int | None, mixed_precision: str | None = None
+) -> list[str]:
     """The `accelerate launch` command that runs this same `qlora-kit` command line under the profile."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(profile_path)]
     if processes:
         command += ["--num_processes", str(processes)]
+    if mixed_precision:
+        command += ["--mixed_precision", mixed_precision]
     return [*command, "-m", "qlora_kit", *argv]
+
+
+def mixed_precision(resolved: Resolved) -> str:
+    """accelerate's name for the precision the recipe trains in (DeepSpeed's config must agree with the trainer's)."""
+    return "bf16" if resolved.bf16 else "fp16" if resolved.fp16 else "no"
 
 
 def launch_profile(recipe: Recipe, argv: list[str]) -> int | None:
@@ -134,9 +146,12 @@ def launch_profile(recipe: Recipe, argv: list[str]) -> int | None:
         return None
     machine = this_machine()
     processes = launch_processes(profile, machine)
-    preflight(recipe, launch_from_profile(profile, path.name, processes), machine)  # fail here, not in N workers
+    plan = launch_from_profile(profile, path.name, processes)
+    resolved = preflight(recipe, plan, machine, profile)  # fail here, not in N workers
+    # DeepSpeed's bf16/fp16 switches come from the launch and must equal the trainer's, which follow the recipe.
+    precision = mixed_precision(resolved) if plan.mode == "deepspeed" else None
     env = {**os.environ, LAUNCHED_ENV: str(path)}
-    child = subprocess.Popen(relaunch_command(path, argv, processes), env=env)
+    child = subprocess.Popen(relaunch_command(path, argv, processes, precision), env=env)
     # SIGTERM (a scheduler stopping the job) goes on to the launcher, which passes it to every worker; SIGINT from a
     # terminal already reaches them all as one process group.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum))
@@ -162,7 +177,7 @@ def check_profile_matches(profile: dict[str, Any], name: str, running: Launch) -
 
 
 def check_quant_storage(recipe: Recipe, resolved: Resolved) -> list[str]:
-    """FSDP and ZeRO-3 flatten 4-bit and ordinary weights together, which needs one storage dtype for all."""
+    """FSDP and ZeRO-3 shard 4-bit and ordinary weights alike, which needs one floating storage dtype for all."""
     quant, plan = recipe.quantization, resolved.launch
     if not (plan.sharded and quant.load_in_4bit):
         return []
@@ -170,10 +185,15 @@ def check_quant_storage(recipe: Recipe, resolved: Resolved) -> list[str]:
     compute = dtype_name(resolved.compute_dtype)
     problems = []
     if quant.bnb_4bit_quant_storage != compute:
+        integer = (
+            f", an integer dtype that {mode} cannot flatten or shard"
+            if quant.bnb_4bit_quant_storage == "uint8"
+            else ""
+        )
         problems.append(
             f"quantization.bnb_4bit_quant_storage: {mode} ({plan.source}) shards the packed 4-bit weights together "
             f"with the other weights, so their storage dtype must be the compute dtype: set it to {compute} "
-            f"(it is {quant.bnb_4bit_quant_storage})"
+            f"(it is {quant.bnb_4bit_quant_storage}{integer})"
         )
     weights = dtype_name(resolved.weights_dtype)
     if weights != compute:
@@ -182,6 +202,17 @@ def check_quant_storage(recipe: Recipe, resolved: Resolved) -> list[str]:
             f"or auto (it is {weights})"
         )
     return problems
+
+
+def check_8bit_sharding(recipe: Recipe, plan: Launch) -> list[str]:
+    """bitsandbytes' 8-bit weights (int8 with per-row scales kept beside them) cannot be sharded by FSDP."""
+    if plan.mode != "fsdp" or not recipe.quantization.load_in_8bit:
+        return []
+    return [
+        f"quantization.load_in_8bit: FSDP ({plan.source}) cannot shard bitsandbytes' 8-bit weights (int8, with "
+        "their scales outside the tensor): set quantization.load_in_8bit: false and load_in_4bit: true with "
+        "bnb_4bit_quant_storage equal to the compute dtype, or use the ddp profile"
+    ]
 
 
 def check_bf16(recipe: Recipe, machine: Machine) -> list[str]:
@@ -249,48 +280,141 @@ def check_packing(recipe: Recipe, resolved: Resolved) -> list[str]:
 
 
 def check_sharding_runs_here(plan: Launch, machine: Machine) -> list[str]:
-    """FSDP and DeepSpeed shard over GPUs; without one (or without DeepSpeed) the launcher would fail in every worker
-    with a raw traceback, so the profile is refused here with what to run instead."""
+    """FSDP2 shards on CPU processes too (torch's fully_shard over gloo), and so does DeepSpeed ZeRO-3 through its
+    CPU accelerator; FSDP1 and a missing DeepSpeed would fail in every worker with a raw traceback, so they are
+    refused here with what to run instead."""
     if plan.mode == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         return [
             f"launch.accelerate_profile: {plan.source} uses DeepSpeed, which is not installed: pip install deepspeed "
-            "on the GPU machine, or use the fsdp_qlora profile"
+            "(on a machine without GPUs it runs on its CPU accelerator), or use the fsdp_qlora profile"
         ]
-    if plan.sharded and not machine.on_gpu:
+    if plan.mode == "deepspeed" and not machine.on_gpu and shutil.which(os.environ.get("CXX", "c++")) is None:
         return [
-            f"launch.accelerate_profile: {plan.source} shards the model over GPUs ({plan.mode}) and this machine has "
-            "none: use the ddp profile (it runs on CPU processes) or no profile, or run on a GPU machine"
+            f"launch.accelerate_profile: {plan.source} uses DeepSpeed, whose CPU accelerator compiles its "
+            "shared-memory communication op on first use, and no C++ compiler is on PATH: install one (apt-get "
+            "install g++, or set CXX), or use the fsdp_qlora profile"
+        ]
+    if plan.mode == "fsdp" and plan.fsdp_version != 2 and not machine.on_gpu:
+        return [
+            f"launch.accelerate_profile: {plan.source} is FSDP version {plan.fsdp_version}, which accelerate runs on "
+            "GPUs only: set fsdp_config.fsdp_version: 2 in the profile (the shipped fsdp_qlora profile runs on CPU "
+            "processes over gloo), or run on a GPU machine"
         ]
     return []
+
+
+def check_deepspeed_precision(resolved: Resolved, env: dict[str, str] | None = None) -> list[str]:
+    """Under DeepSpeed the launch's mixed_precision becomes the engine's bf16/fp16 switch, which transformers
+    requires to equal the trainer's (from the recipe's compute dtype); a worker launched by hand is checked here."""
+    env = os.environ if env is None else env
+    launched = env.get("ACCELERATE_MIXED_PRECISION")
+    wanted = mixed_precision(resolved)
+    if resolved.launch.mode != "deepspeed" or launched is None or launched == wanted:
+        return []
+    return [
+        f"launch.accelerate_profile: DeepSpeed was launched with mixed_precision {launched} but the recipe trains in "
+        f"{dtype_name(resolved.compute_dtype)}: launch with --mixed_precision {wanted} (qlora-kit train "
+        "--accelerate-profile passes it itself)"
+    ]
+
+
+def check_processes_fit(plan: Launch, machine: Machine) -> list[str]:
+    """One process per GPU: more processes than GPUs on a machine would put two ranks on one device."""
+    local = plan.local_processes
+    if not machine.on_gpu or plan.mode == "single" or local <= machine.cuda_devices:
+        return []
+    over = f" over {plan.machines} machines" if plan.machines > 1 else ""
+    return [
+        f"launch.accelerate_profile: {plan.source} starts {local} processes on this machine ({plan.world_size}"
+        f"{over}) but it has {machine.cuda_devices} GPUs, so ranks would share one: set num_processes to "
+        f"{machine.cuda_devices * plan.machines} (one per GPU{over}), or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+    ]
+
+
+RENDEZVOUS = ("main_process_ip", "main_process_port", "machine_rank")
+
+
+def check_rendezvous(profile: dict[str, Any] | None, plan: Launch) -> list[str]:
+    """A profile over several machines must say where they meet and which one this is."""
+    if profile is None or plan.machines < 2:
+        return []
+    missing = [key for key in RENDEZVOUS if profile.get(key) in (None, "")]
+    rank = profile.get("machine_rank")
+    problems = []
+    if missing:
+        problems.append(
+            f"launch.accelerate_profile: {plan.source} runs on {plan.machines} machines but sets no "
+            f"{', '.join(missing)}: in a copy of the profile set main_process_ip to machine 0's address, "
+            f"main_process_port to a port open between them (29500), and machine_rank to this machine's number "
+            f"(0 to {plan.machines - 1}), then pass the copy's path"
+        )
+    elif not (isinstance(rank, int) and 0 <= rank < plan.machines):
+        problems.append(
+            f"launch.accelerate_profile: {plan.source} has machine_rank {rank!r}: set it to this machine's number, "
+            f"0 to {plan.machines - 1}"
+        )
+    return problems
+
+
+def fsdp_on_cpu(mixed_precision: str) -> bool:
+    """Make accelerate's state FSDP in a launched CPU worker; return whether it had to.
+
+    accelerate only sets up FSDP on accelerators: with gloo on CPU, AcceleratorState stays MULTI_CPU even when
+    ACCELERATE_USE_FSDP=true, and prepare() would wrap the model in DDP. torch's fully_shard runs on CPU over gloo, so
+    the state is created here first, the way Accelerator() creates it (same environment, the trainer's
+    ``mixed_precision``), then switched to FSDP with the plugin accelerate itself builds from the FSDP_* variables;
+    the Accelerator the trainer creates next finds it initialized and keeps it. Call after the process group exists
+    (TrainingArguments sets it up) and before the trainer creates its Accelerator.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, TorchDynamoPlugin
+
+    if launch_from_env().mode != "fsdp" or PartialState().distributed_type != DistributedType.MULTI_CPU:
+        return False
+    state = AcceleratorState(
+        mixed_precision=mixed_precision, cpu=True, dynamo_plugin=TorchDynamoPlugin(), _from_accelerator=True
+    )
+    plugin = FullyShardedDataParallelPlugin()
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+    return True
 
 
 def check_reporters(recipe: Recipe) -> list[str]:
     names = tracking.reporters(recipe)
     missing = [name for name in names if name in REPORTERS and importlib.util.find_spec(REPORTERS[name]) is None]
-    return [tracking.TRACKIO_BLOCKED if name == "trackio" else _not_installed(name) for name in missing]
+    return [_not_installed(name) for name in missing]
 
 
 def _not_installed(name: str) -> str:
-    fix = (
-        "pip install 'qlora-kit[tracking]' (MLflow's local store, no server)"
-        if name == "mlflow"
-        else f"pip install {name}"
-    )
+    fix = {
+        "mlflow": "pip install 'qlora-kit[tracking]' (MLflow's local store, no server)",
+        "trackio": "pip install 'qlora-kit[tracking]' (trackio's local store, no server)",
+    }.get(name, f"pip install {name}")
     return f"training.report_to: {name} is not installed: {fix}, or remove it (tensorboard works offline)"
 
 
-def preflight(recipe: Recipe, plan: Launch | None = None, machine: Machine | None = None) -> Resolved:
+def preflight(
+    recipe: Recipe, plan: Launch | None = None, machine: Machine | None = None, profile: dict[str, Any] | None = None
+) -> Resolved:
     """Every check that needs no weights; raise one UserError listing all problems found, else return the settings
-    the run will use on ``machine`` under ``plan``."""
+    the run will use on ``machine`` under ``plan`` (from ``profile``, the accelerate config about to be launched)."""
     resolved = resolve(recipe, machine, plan)
     plan, machine = resolved.launch, resolved.machine
     problems = [
         *check_quant_storage(recipe, resolved),
+        *check_8bit_sharding(recipe, plan),
         *check_bf16(recipe, machine),
         *check_device_map(recipe, plan),
         *check_idle_gpus(recipe, plan, machine),
         *check_packing(recipe, resolved),
         *check_sharding_runs_here(plan, machine),
+        *check_deepspeed_precision(resolved),
+        *check_processes_fit(plan, machine),
+        *check_rendezvous(profile, plan),
         *check_reporters(recipe),
         *model_config_problems(recipe),
     ]

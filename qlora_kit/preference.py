@@ -21,7 +21,7 @@ from typing import Any
 from transformers.trainer_callback import ProgressCallback
 from trl import DPOTrainer, KTOTrainer
 
-from qlora_kit import checkpoints, rundir
+from qlora_kit import checkpoints, rundir, tracking
 from qlora_kit import model as model_stage
 from qlora_kit import train as train_stage
 from qlora_kit.data import preference as pref_data
@@ -204,9 +204,8 @@ def train(
 ) -> train_stage.RunResult:
     """Preference-tune the recipe's model into a complete run directory at ``run_dir`` (see train.train)."""
     show = progress or (lambda *args, **kwargs: None)
-    # Preference data is not cached, so the cache folder is not checked.
     resolved, checkpoint, staging, tokenizer = train_stage.begin_run(
-        recipe, run_dir, force, resume, {**input_paths(recipe), **(inputs or {})}, cached_data=False
+        recipe, run_dir, force, resume, {**input_paths(recipe), **(inputs or {})}, cached_data=True
     )
     data = pref_data.build(recipe, tokenizer)
     show("preference_data", data.stats.as_dict())
@@ -216,8 +215,20 @@ def train(
     model = policy_model(recipe, tokenizer, resolved)
     trainable, total = model.get_nb_trainable_parameters()
     show("model", {"trainable": trainable, "total": total, "dtype": str(resolved.compute_dtype)})
+    resumed = checkpoint is not None
+    tracking.name_trackio_run(recipe, config, staging, run_dir, resumed, main=config.process_index == 0)
     trainer = make_trainer(recipe, model, tokenizer, data, config, resolved)
+    main = trainer.is_world_process_zero()
+    # MLflow's store and trackio's run name, as for SFT: the trackers log into the run, and its files are artifacts.
+    with tracking.mlflow_run(recipe, staging, config.run_name, resumed, main) as tracked:
+        metrics = _train_and_publish(trainer, model, tokenizer, recipe, resolved, data, config, checkpoint, run_dir,
+                                     tracked)  # fmt: skip
+    show("preference_done", {"run_dir": str(run_dir), **metrics})
+    return train_stage.RunResult(run_dir=run_dir, metrics=metrics, model=model)
 
+
+def _train_and_publish(trainer, model, tokenizer, recipe, resolved, data, config, checkpoint, run_dir, tracked):
+    staging = rundir.staging_dir_for(run_dir)
     started = time.perf_counter()
     result = train_stage.run_training(trainer, checkpoint, staging)
     metrics = run_metrics(trainer, time.perf_counter() - started, result, data, recipe)
@@ -229,10 +240,10 @@ def train(
     train_stage.save_adapter(trainer, tokenizer, staging / "adapter")
     if trainer.is_world_process_zero():
         write_outputs(trainer, recipe, resolved, staging, metrics)
+        tracking.finish_training(tracked, staging, run_dir)
         rundir.publish(staging, run_dir)
     trainer.accelerator.wait_for_everyone()
-    show("preference_done", {"run_dir": str(run_dir), **metrics})
-    return train_stage.RunResult(run_dir=run_dir, metrics=metrics, model=model)
+    return metrics
 
 
 def run_metrics(trainer, runtime_s: float, result, data: pref_data.PreferenceData, recipe: Recipe) -> dict[str, Any]:
@@ -242,6 +253,7 @@ def run_metrics(trainer, runtime_s: float, result, data: pref_data.PreferenceDat
     return {
         "method": recipe.method,
         "started_from": recipe.model.adapter,
+        "started_from_sha256": adapter_digest(recipe.model.adapter),
         "reference": reference_description(recipe),
         "train_loss_first": losses[0] if losses else None,
         "train_loss_last": losses[-1] if losses else None,
@@ -253,6 +265,16 @@ def run_metrics(trainer, runtime_s: float, result, data: pref_data.PreferenceDat
         "data": data.stats.as_dict(),
         "versions": rundir.versions(),
     }
+
+
+def adapter_digest(path: str | None) -> str | None:
+    """SHA-256 of the starting adapter's weights file, so a run says which bytes it continued (the path may change)."""
+    import hashlib
+
+    if path is None:
+        return None
+    weights = adapter_folder(path) / "adapter_model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
 
 
 def reference_description(recipe: Recipe) -> str:

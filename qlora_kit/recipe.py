@@ -13,6 +13,7 @@ import difflib
 import functools
 import importlib.util
 import math
+import re
 import tempfile
 import typing
 import warnings
@@ -61,6 +62,9 @@ OWNED_PREFERENCE_FIELDS = {
     "is_encoder_decoder": "nothing: qlora-kit trains causal LMs",
     "dataset_num_proc": "data.num_proc",
 }
+
+# List fields whose trl config also takes one string (DPOConfig turns `loss_type: ipo` into ["ipo"]).
+STRING_AS_LIST = ("loss_type",)
 
 # Fields whose value a method fixes: SimPO is CPO with the SimPO loss and no behaviour-cloning term.
 METHOD_FIXED = {"simpo": {"loss_type": "simpo", "cpo_alpha": 0.0}}
@@ -492,6 +496,9 @@ def _field_model(method: str = "sft") -> type[BaseModel]:
     """A pydantic model with one optional field per init field of the method's trl config, typed as it declares."""
     config = config_class(method)
     hints = typing.get_type_hints(config)
+    for name in STRING_AS_LIST:
+        if name in hints and typing.get_origin(hints[name]) is list:
+            hints[name] = hints[name] | typing.get_args(hints[name])[0]
     fields = {f.name: (typing.Optional[hints.get(f.name, Any)], None) for f in dataclasses.fields(config) if f.init}  # noqa: UP045
     return create_model(
         f"{config.__name__}Fields", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True), **fields
@@ -549,6 +556,7 @@ def _check_training(training: Any, method: str = "sft") -> list[str]:
         _field_model(method)(**known)
     except ValidationError as exc:
         problems += [_format_error(err, prefix="training", method=method) for err in exc.errors()]
+    problems += _check_choices(known, method)
     merged = {**method_defaults(method), **known}
     positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps")
     intervals = [f"{kind}_steps" for kind in ("logging", "save", "eval") if merged.get(f"{kind}_strategy") == "steps"]
@@ -564,6 +572,38 @@ def _check_training(training: Any, method: str = "sft") -> list[str]:
             "training.use_liger_kernel: the Liger kernels are not installed: pip install 'qlora-kit[liger]' "
             "(GPU only), or remove the key"
         )
+    return problems
+
+
+@functools.cache
+def field_choices(method: str = "sft") -> dict[str, tuple[str, ...]]:
+    """The values trl's config accepts for each of its choice fields: the field's ``choices`` metadata, else the
+    values its help lists after "Possible values are:" (how DPOConfig documents ``loss_type``, which trl itself only
+    rejects at the first training step)."""
+    out = {}
+    for spec in dataclasses.fields(config_class(method)):
+        metadata = spec.metadata or {}
+        choices = metadata.get("choices")
+        if choices is None:
+            listed = re.search(r"Possible values are:(.*?)\.(?:\s|$)", metadata.get("help", ""), re.DOTALL)
+            choices = re.findall(r"`'?([\w-]+)'?`", listed.group(1)) if listed else None
+        if choices:
+            out[spec.name] = tuple(choices)
+    return out
+
+
+def _check_choices(training: dict[str, Any], method: str) -> list[str]:
+    """A choice field's value (or each value of a list, as DPO's loss_type takes) must be one trl accepts."""
+    config_name = METHOD_CONFIGS[method][1]
+    problems = []
+    for key, allowed in field_choices(method).items():
+        value = training.get(key)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and item not in allowed:
+                problems.append(
+                    f"training.{key}: {item!r} is not a {key} of trl's {config_name}"
+                    f"{_suggest(item, list(allowed))}; choose one of {', '.join(allowed)}"
+                )
     return problems
 
 
@@ -741,7 +781,20 @@ def validate(raw: dict[str, Any], source: str = "recipe") -> Recipe:
         count = f"{len(problems)} problems" if len(problems) > 1 else "a problem"
         raise UserError(f"{source} has {count}: " + "; ".join(problems))
     assert recipe is not None
+    recipe.training = numbers_from_text(recipe.training, recipe.method)
     return recipe
+
+
+def numbers_from_text(training: dict[str, Any], method: str) -> dict[str, Any]:
+    """Numbers YAML reads as text (``1e-3`` has no dot, so YAML 1.1 reads a string) as the numbers the config's
+    field types make of them, so the trainer gets ``0.001`` and not ``"1e-3"``."""
+    fields = _field_model(method).model_fields
+    texts = {k: v for k, v in training.items() if isinstance(v, str) and k in fields}
+    if not texts:
+        return training
+    parsed = _field_model(method)(**texts)
+    numbers = {k: getattr(parsed, k) for k in texts if isinstance(getattr(parsed, k), int | float)}
+    return {**training, **numbers}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -81,6 +81,13 @@ class Launch:
     world_size: int = 1
     zero_stage: int | None = None
     source: str = "one process"
+    fsdp_version: int | None = None  # 1 (flat parameters) or 2 (per-parameter sharding, fully_shard) under FSDP
+    machines: int = 1
+
+    @property
+    def local_processes(self) -> int:
+        """Processes on each machine (the world split evenly over the machines, as accelerate launches it)."""
+        return -(-self.world_size // max(self.machines, 1))
 
     @property
     def sharded(self) -> bool:
@@ -96,13 +103,15 @@ def launch_from_env(env: dict[str, str] | None = None) -> Launch:
     """The mode accelerate/torchrun set up for this process (accelerate exports ACCELERATE_USE_FSDP and friends)."""
     env = dict(os.environ if env is None else env)
     world = int(env.get("WORLD_SIZE", "1"))
+    machines = max(world // int(env.get("LOCAL_WORLD_SIZE") or world), 1)
     if _flag(env, "ACCELERATE_USE_FSDP"):
-        return Launch("fsdp", world, source="ACCELERATE_USE_FSDP=true")
+        version = int(env.get("FSDP_VERSION", "1"))  # accelerate's default when the config names none
+        return Launch("fsdp", world, source="ACCELERATE_USE_FSDP=true", fsdp_version=version, machines=machines)
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         stage = int(env["ACCELERATE_DEEPSPEED_ZERO_STAGE"]) if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") else None
-        return Launch("deepspeed", world, stage, source="ACCELERATE_USE_DEEPSPEED=true")
+        return Launch("deepspeed", world, stage, source="ACCELERATE_USE_DEEPSPEED=true", machines=machines)
     if world > 1:
-        return Launch("ddp", world, source=f"WORLD_SIZE={world}")
+        return Launch("ddp", world, source=f"WORLD_SIZE={world}", machines=machines)
     return Launch()
 
 

@@ -1,4 +1,4 @@
-"""Experiment tracking beyond TensorBoard: an MLflow store inside the run directory, and the run's files as artifacts.
+"""Experiment tracking beyond TensorBoard: MLflow and trackio, offline, with the run's files as artifacts.
 
 transformers' own MLflowCallback (``training.report_to: mlflow``) logs the trainer's arguments and every logged loss.
 This module adds what it lacks:
@@ -12,12 +12,25 @@ This module adds what it lacks:
   run is trained in a staging folder that is renamed into place, so the store is pointed at the final folder before
   the rename, and at the run's current folder again whenever a later command logs to it (a run directory moved by
   hand keeps working).
+
+transformers' TrackioCallback (``training.report_to: trackio``) logs the trainer's arguments and every logged loss
+into trackio's own local store (``TRACKIO_DIR``, by default ``HF_HOME/trackio``; ``trackio show`` opens it), local
+only unless the recipe names a ``trackio_space_id``. This module adds:
+
+- a run name that survives ``--resume``: the callback opens its run by name (``resume="allow"``), so a run without
+  ``training.run_name`` is given one (the run folder's name and the start time) and a resumed run reuses it, where
+  the callback alone would start a second, unnamed run;
+- the same files as artifacts of that trackio run: metrics.json, recipe.yaml and loss_curve.png after training,
+  eval.json and export.json later (trackio's project, run name and store are kept in RUN_DIR/tracking.json).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,13 +44,6 @@ from qlora_kit.recipe import Recipe, training_args
 STORE = "mlruns"
 RECORD = "tracking.json"
 TRAINING_ARTIFACTS = ("metrics.json", "recipe.yaml", "loss_curve.png")
-# Every trackio release asks for pillow<13 (0.43 and later) or huggingface_hub<2 (0.5 to 0.42), or for a gradio that
-# does (0.2 and earlier), and qlora-kit pins pillow 13 and huggingface_hub 2: no release installs beside them.
-TRACKIO_BLOCKED = (
-    "training.report_to: trackio is not installed, and no trackio release installs beside qlora-kit's pins (trackio "
-    "0.43+ needs pillow<13, 0.5 to 0.42 need huggingface_hub<2, older ones an old gradio): use mlflow (pip install "
-    "'qlora-kit[tracking]', a local store under the run directory) or tensorboard"
-)
 
 
 def reporters(recipe: Recipe) -> list[str]:
@@ -48,6 +54,11 @@ def reporters(recipe: Recipe) -> list[str]:
 def reports_to_mlflow(recipe: Recipe) -> bool:
     names = reporters(recipe)
     return "mlflow" in names or "all" in names
+
+
+def reports_to_trackio(recipe: Recipe) -> bool:
+    names = reporters(recipe)
+    return "trackio" in names or "all" in names
 
 
 def store_uri(folder: Path) -> str:
@@ -94,7 +105,7 @@ def mlflow_run(recipe: Recipe, staging: Path, run_name: str | None, resume: bool
         repoint(staging / STORE, store_uri(staging))  # an unfinished run's folder may have been moved meanwhile
     run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=run_name)
     tracked = TrackedRun(run.info.run_id, local)
-    (staging / RECORD).write_text(json.dumps({"mlflow": {"run_id": tracked.run_id, "local": local}}, indent=2) + "\n")
+    _record(staging, "mlflow", {"run_id": tracked.run_id, "local": local})
     try:
         yield tracked
     except BaseException as exc:
@@ -106,16 +117,78 @@ def mlflow_run(recipe: Recipe, staging: Path, run_name: str | None, resume: bool
 
 
 def finish_training(tracked: TrackedRun | None, staging: Path, run_dir: Path) -> None:
-    """Log the run's files, end the MLflow run and point the store at ``run_dir``, where staging is about to go."""
+    """Log the run's files to its trackers; end the MLflow run and point its store at ``run_dir``, where staging is
+    about to go."""
+    files = [staging / name for name in TRAINING_ARTIFACTS if (staging / name).is_file()]
+    if trackio_record := _records(staging).get("trackio"):
+        _log_trackio_files(trackio_record, files, "training")
     if tracked is None:
         return
     mlflow = _mlflow()
-    files = [staging / name for name in TRAINING_ARTIFACTS if (staging / name).is_file()]
     _log_files(mlflow.MlflowClient(), tracked.run_id, files, None)
     mlflow.flush_async_logging()  # the callback logs metrics asynchronously
     mlflow.end_run()
     if tracked.local:
         repoint(staging / STORE, store_uri(run_dir))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trackio: the callback logs the metrics; the run needs a name that survives --resume, and the run's files
+
+
+def name_trackio_run(recipe: Recipe, config, staging: Path, run_dir: Path, resume: bool, main: bool) -> None:
+    """Set ``config.run_name`` to the trackio run this training logs into, and record it in the staging folder.
+
+    A resumed run reuses the name its first attempt recorded; a new one keeps the recipe's ``run_name`` or gets the
+    run folder's name and the start time (two trainings of one folder are two trackio runs, as they are in MLflow).
+    """
+    if not reports_to_trackio(recipe):
+        return
+    recorded = _records(staging).get("trackio") if resume else None
+    if recorded:
+        config.run_name = recorded["run"]
+    elif not config.run_name:
+        config.run_name = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if main:
+        _record(
+            staging,
+            "trackio",
+            {
+                "project": config.project,
+                "run": config.run_name,
+                "store": str(trackio_store()),
+                "space_id": config.trackio_space_id,
+            },
+        )
+
+
+def trackio_store() -> Path:
+    """Where trackio keeps its local runs: TRACKIO_DIR, else HF_HOME/trackio (trackio's own rule)."""
+    from trackio.utils import TRACKIO_DIR
+
+    return Path(TRACKIO_DIR)
+
+
+def _log_trackio_files(record: dict, files: Iterable[Path], kind: str) -> None:
+    """Log each file as a trackio artifact of the recorded run (trackio names it ``run-<run id>-<file name>``;
+    ``kind`` is its type: training, eval or export)."""
+    import trackio
+
+    # trackio announces every init and finish on stdout; the command's own output says what was logged where.
+    with contextlib.redirect_stdout(io.StringIO()):
+        trackio.init(
+            project=record["project"],
+            name=record["run"],
+            space_id=record.get("space_id"),
+            resume="must",
+            auto_log_cpu=False,
+            auto_log_gpu=False,
+        )
+        try:
+            for path in files:
+                trackio.log_artifact(path, type=kind)
+        finally:
+            trackio.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,8 +198,12 @@ def finish_training(tracked: TrackedRun | None, staging: Path, run_dir: Path) ->
 def log_to_run(run_dir: Path, recipe: Recipe, files: Iterable[Path], artifact_path: str) -> str | None:
     """Log ``files`` as artifacts (under ``artifact_path``) of the MLflow run a finished run recorded.
 
-    Returns the MLflow run id, or None when the run does not report to mlflow.
+    Also logs them to the run's trackio run, when it reported to one. Returns the MLflow run id, or None when the
+    run does not report to mlflow.
     """
+    files = list(files)
+    if (trackio_record := _records(run_dir).get("trackio")) and reports_to_trackio(recipe):
+        _log_trackio_files(trackio_record, files, artifact_path)
     record = _recorded(run_dir)
     if record is None or not reports_to_mlflow(recipe):
         return None
@@ -177,9 +254,19 @@ def _rewrite(meta: Path, key: str, value: str) -> int:
     return 1
 
 
-def _recorded(folder: Path) -> dict | None:
+def _records(folder: Path) -> dict:
     path = folder / RECORD
-    return json.loads(path.read_text()).get("mlflow") if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _record(folder: Path, tracker: str, fields: dict) -> None:
+    """Keep ``fields`` for ``tracker`` in the run's tracking.json, beside what the other trackers recorded."""
+    records = {**_records(folder), tracker: fields}
+    (folder / RECORD).write_text(json.dumps(records, indent=2) + "\n")
+
+
+def _recorded(folder: Path) -> dict | None:
+    return _records(folder).get("mlflow")
 
 
 def _recorded_run_id(folder: Path) -> str | None:

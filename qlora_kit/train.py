@@ -170,6 +170,12 @@ class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
         self.last_log = (0, time.perf_counter())
         self.full_logits_loss = False  # set by make_trainer (see full_logits_fit)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        launch.fsdp_on_cpu(
+            self.args.mixed_precision
+        )  # FSDP2 on CPU processes over gloo: accelerate sets FSDP up on accelerators only
+        super().create_accelerator_and_postprocess()
+
     def compute_loss(self, model, inputs, *args, **kwargs):
         if not self.model.training:
             return super().compute_loss(model, inputs, *args, **kwargs)
@@ -266,11 +272,13 @@ def make_trainer(
     keep_adapter_dtype(model, adapter_weights, resolved.compute_dtype)
     keep_packed_rows_apart(trainer, model, config)
     trainer.full_logits_loss = full_logits_fit(config, model)
-    if getattr(trainer.accelerator.state, "fsdp_plugin", None) is not None:
+    fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 1:
         from peft.utils.other import fsdp_auto_wrap_policy
 
-        # Wrap LoRA layers on their own, so FSDP never flattens trainable and frozen weights into one tensor.
-        trainer.accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+        # Wrap LoRA layers on their own, so FSDP1 never flattens trainable and frozen weights into one tensor. FSDP2
+        # shards each parameter on its own (no flat tensor); its groups are the decoder layers.
+        fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     # In a terminal, the usual bar with one short line per log; a notebook keeps transformers' own HTML table.
     if not config.disable_tqdm and trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossLineProgress())
@@ -302,6 +310,20 @@ def training_metrics(trainer, runtime_s: float, mean_loss: float | None) -> dict
         "peak_memory_bytes": rundir.peak_memory_bytes(),
         "versions": rundir.versions(),
     }
+
+
+def parameter_bytes(model) -> dict[str, int]:
+    """Bytes of the model's parameters as stored (4-bit ones packed): whole, and the part the main process holds,
+    which FSDP2 (DTensor shards) and ZeRO-3 (ds_tensor partitions) cut to about whole / processes."""
+    whole = held = 0
+    for param in model.parameters():
+        size = param.element_size()
+        local = getattr(param, "ds_tensor", None)  # ZeRO-3 keeps this rank's partition beside an emptied param
+        if local is None:
+            local = param.to_local() if hasattr(param, "to_local") else param
+        whole += int(getattr(param, "ds_numel", param.numel())) * size
+        held += local.numel() * size
+    return {"whole": whole, "main_process": held}
 
 
 def plot_loss(log_history: list[dict], path: Path) -> None:
@@ -361,13 +383,15 @@ def train(
     if checkpoint is not None:
         show("resume", {"checkpoint": str(checkpoint)})
 
+    resumed = checkpoint is not None
+    tracking.name_trackio_run(recipe, config, staging, run_dir, resumed, main=config.process_index == 0)
     trainer = make_trainer(recipe, model, tokenizer, prepared, staging, config, resolved)
     if recipe.eval.callback_steps and prepared.eval_rows:
         from qlora_kit.evaluate.callback import generation_eval_callback
 
         trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
     main = trainer.is_world_process_zero()
-    with tracking.mlflow_run(recipe, staging, config.run_name, checkpoint is not None, main) as tracked:
+    with tracking.mlflow_run(recipe, staging, config.run_name, resumed, main) as tracked:
         metrics = _train_and_publish(
             trainer, model, tokenizer, recipe, resolved, prepared, checkpoint, run_dir, tracked
         )
@@ -387,6 +411,7 @@ def _train_and_publish(trainer, model, tokenizer, recipe, resolved, prepared, ch
         "mode": resolved.launch.mode,
         "processes": trainer.args.world_size,
         "resumed_from": str(checkpoint.relative_to(staging)) if checkpoint else None,
+        "parameter_bytes": parameter_bytes(model),
     }
 
     save_adapter(trainer, tokenizer, staging / "adapter")  # every rank: FSDP/ZeRO-3 gather the shards here

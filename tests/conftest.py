@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ DEMO_DATA = REPO / "data" / "demo"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# trackio's local store, read when trackio is imported: the suite's runs never land in the user's own store.
+os.environ["TRACKIO_DIR"] = tempfile.mkdtemp(prefix="qlora-kit-tests-trackio-")
 
 
 # Files whose tests train, merge, generate or launch processes: `make test-fast` leaves them out (`-m "not slow"`).
@@ -35,6 +38,7 @@ SLOW_FILES = {
     "test_tracking.py",
     "test_cli_errors.py",  # each case starts a fresh interpreter
     "test_preference.py",
+    "test_sharded.py",  # FSDP2 over gloo: two CPU processes per run
 }
 SLOW_TESTS = {
     "test_ddp_on_two_cpu_processes_matches_one_process",

@@ -368,50 +368,67 @@ def test_example_files_render_and_the_docs_show_what_qlora_kit_data_prints(tmp_p
     assert shown.strip() in out
 
 
-SHORT = [
-    {
-        "messages": [
-            {"role": "user", "content": "Weather in Oslo?"},
-            {"role": "assistant", "content": "", "tool_calls": [
-                {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
-            {"role": "tool", "content": "sunny"},
-            {"role": "assistant", "content": "Sunny."},
-        ]
-    },
-    {
-        "messages": [
-            {"role": "user", "content": "2+3?"},
-            {"role": "assistant", "content": "5", "reasoning_content": "2+3=5"},
-            {"role": "user", "content": "4+4?"},
-            {"role": "assistant", "content": "8", "reasoning_content": "4+4=8"},
-        ]
-    },
-]  # fmt: skip
+PLAIN = {"messages": [{"role": "user", "content": "Hi there?"}, {"role": "assistant", "content": "Hello."}]}
+TOOL_CALL = {
+    "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "sunny"},
+        {"role": "assistant", "content": "Sunny."},
+    ]
+}  # fmt: skip
+REASONING = {
+    "messages": [
+        {"role": "user", "content": "2+3?"},
+        {"role": "assistant", "content": "5", "reasoning_content": "2+3=5"},
+        {"role": "user", "content": "4+4?"},
+        {"role": "assistant", "content": "8", "reasoning_content": "4+4=8"},
+    ]
+}
 
 
-def test_generation_stops_at_end_of_turn_after_a_short_fine_tune(tmp_path, tiny_model_dir):
-    """The real stack (4-bit demo base, LoRA, trl) trained briefly on a tool call and a reasoning conversation under
-    Qwen3's template: from each answer's inference prompt, greedy generation writes the trained turn and stops at
-    <|im_end|>, long before max_new_tokens."""
+def short_rows(name: str) -> list[dict]:
+    """A plain conversation, and a tool call and a multi-turn reasoning one where the template renders them."""
+    rows = [PLAIN]
+    rows += [TOOL_CALL] if (name, "tools") in TRAINED else []
+    rows += [REASONING] if (name, "multi-turn-reasoning") in TRAINED else []
+    return rows
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory, chat_tokenizer) -> Path:
+    """A random-weight Llama of ~100k parameters whose tokenizer carries every shipped template's markers."""
+    from .conftest import save_tiny_causal_lm
+
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("chat-llama"), chat_tokenizer, "llama")
+
+
+@pytest.mark.parametrize("name", shipped_templates())
+def test_generation_stops_at_end_of_turn_after_a_short_fine_tune(name, tmp_path, chat_model_dir):
+    """The real stack (4-bit base, LoRA, trl) trained briefly under each shipped template: from each conversation's
+    last inference prompt, greedy generation writes exactly the trained answer and stops at the template's
+    end-of-turn token, long before max_new_tokens."""
     import torch
     import yaml
 
     from qlora_kit.recipe import load_recipe
-    from qlora_kit.tokenizer import load_tokenizer
+    from qlora_kit.tokenizer import end_of_turn_ids, load_tokenizer
     from qlora_kit.train import train
 
+    rows = short_rows(name)
     train_file = tmp_path / "train.jsonl"
-    train_file.write_text("".join(json.dumps(row) + "\n" for row in SHORT))
+    train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
     recipe = {
-        "model": {"name_or_path": str(tiny_model_dir), "chat_template": "qwen3"},
-        # A random 100k-parameter base: its output head trains too, so a few seconds of steps memorize both rows.
+        "model": {"name_or_path": str(chat_model_dir), "chat_template": name},
+        # A random 100k-parameter base: its output head trains too, so a few seconds of steps memorize the rows.
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "modules_to_save": ["lm_head"]},
-        "data": {"train": [{"path": str(train_file), "fraction": 4}], "max_length": 128, "cache": False},
+        "data": {"train": [{"path": str(train_file), "fraction": 2}], "max_length": 128},
         "training": {
-            "max_steps": 60,  # memorized by step 50 (loss 0.03)
+            "max_steps": 60,
             "learning_rate": 1e-2,
             "lr_scheduler_type": "constant",
-            "per_device_train_batch_size": 4,
+            "per_device_train_batch_size": 2 * len(rows),  # every step sees every row twice
             "packing": False,
             "report_to": "none",
             "save_strategy": "no",
@@ -419,26 +436,29 @@ def test_generation_stops_at_end_of_turn_after_a_short_fine_tune(tmp_path, tiny_
         },
         "eval": {"num_samples": 0},
     }
+    recipe["data"]["cache"] = False
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     recipe = load_recipe(tmp_path / "recipe.yaml")
     result = train(recipe, tmp_path / "run")
-    assert result.metrics["train_loss_last"] < 0.1  # 4.38 at step 10
     model = result.model.eval()
     tokenizer = load_tokenizer(recipe)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    generated = []
-    for row in SHORT:
-        canonical = data.normalize(data.Row(copy.deepcopy(row), "r", "messages"), "messages")
-        text, spans = data.render(canonical, "messages", tokenizer)
+    stops = end_of_turn_ids(tokenizer)
+    for row in rows:
+        canonical, (ids, labels) = encode(tokenizer, row)
+        last_start = max(i for i, label in enumerate(labels) if label == data.IGNORE_INDEX) + 1
+        trained = ids[last_start:]
+        answer = trained[: next(i for i, t in enumerate(trained) if t in stops) + 1]  # up to its end-of-turn token
         prompt, _ = data.prompt_and_reference(canonical, "messages", tokenizer)
-        ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert ids[:last_start] == prompt_ids, name  # the inference prompt is the training text before the answer
         with torch.no_grad():
-            out = model.generate(input_ids=ids, max_new_tokens=60, do_sample=False, eos_token_id=end)
-        new = out[0, ids.shape[1] :].tolist()
-        generated.append((tokenizer.decode(new), text[spans[-1][0] : spans[-1][1]].removesuffix("\n")))
-        assert new[-1] == end and len(new) < 60, generated
-    # The last answers, as trained: Qwen3's <think> block (empty after a tool result) and the answer.
-    assert [g for g, _ in generated] == [
-        "<think>\n\n</think>\n\nSunny.<|im_end|>",
-        "<think>\n4+4=8\n</think>\n\n8<|im_end|>",
-    ]
+            out = model.generate(
+                input_ids=torch.tensor([prompt_ids]), max_new_tokens=40, do_sample=False, eos_token_id=stops
+            )
+        new = out[0, len(prompt_ids) :].tolist()
+        assert new == answer, (
+            name,
+            tokenizer.decode(new),
+            tokenizer.decode(answer),
+            result.metrics["train_loss_last"],
+        )

@@ -137,12 +137,55 @@ def test_output_never_overlaps_inputs_and_needs_force(demo_run, demo_export, cap
         export_run(demo_run, overrides=["types=[q3_k_s]"], force=True)
 
 
+def write_sentencepiece_tokenizer(folder: Path, chat_template: str) -> None:
+    """A 320-piece SentencePiece tokenizer (tokenizer.model, as Phi-3 and Gemma checkpoints ship), trained here on
+    arithmetic questions, with Phi-3's chat markers as user-defined pieces and byte fallback for everything else."""
+    import io
+    import random
+
+    import sentencepiece
+
+    rng = random.Random(0)
+    lines = [f"What is {rng.randrange(99)} plus {rng.randrange(99)}? {rng.randrange(199)}" for _ in range(3000)]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=320,
+        model_type="bpe",
+        byte_fallback=True,
+        user_defined_symbols=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>", "<|endoftext|>"],
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    # legacy: a "▁" opens every text piece between special tokens, as Phi-3's published tokenizer.json does
+    config = {"tokenizer_class": "LlamaTokenizer", "legacy": True, "bos_token": "<s>", "eos_token": "<|endoftext|>",
+              "unk_token": "<unk>", "pad_token": "<|endoftext|>", "chat_template": chat_template}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def phi3_sentencepiece_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Phi-3 (fused qkv_proj and gate_up_proj) with a SentencePiece tokenizer, as on the hub."""
+    from transformers import AutoTokenizer
+
+    from qlora_kit.tokenizer import read_template
+
+    from .conftest import save_tiny_causal_lm
+
+    folder = tmp_path_factory.mktemp("phi3-sentencepiece")
+    write_sentencepiece_tokenizer(folder, read_template("phi-3"))
+    return save_tiny_causal_lm(folder, AutoTokenizer.from_pretrained(folder), "phi3")
+
+
 @pytest.mark.slow
-# Phi-3 and Gemma convert only with their SentencePiece tokenizer.model (llama.cpp's converter requires it); the tiny
-# models here share the demo's BPE tokenizer, so those two families are not among them.
-@pytest.mark.parametrize("architecture", ["qwen2-tied", "mistral"])
-def test_converter_accepts_what_merge_writes(architecture, tiny_architecture_dir, arithmetic_rows, tmp_path):
-    run = make_run(tmp_path, tiny_architecture_dir(architecture), arithmetic_rows)
+@pytest.mark.parametrize("architecture", ["qwen2-tied", "mistral", "phi3-sentencepiece"])
+def test_converter_accepts_what_merge_writes(architecture, request, tiny_architecture_dir, arithmetic_rows, tmp_path):
+    if architecture == "phi3-sentencepiece":  # llama.cpp reads Phi-3's vocabulary from tokenizer.model only
+        model_dir = request.getfixturevalue("phi3_sentencepiece_dir")
+    else:
+        model_dir = tiny_architecture_dir(architecture)
+    run = make_run(tmp_path, model_dir, arithmetic_rows)
     if architecture != "mistral":  # Mistral's run has no merged model yet: export merges (and verifies) it first
         merge_run(run, overrides=["verify=false"])
     report = export_run(run, overrides=["types=[f32]", "verify_examples=4", "verify_generations=4"]).report

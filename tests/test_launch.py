@@ -27,7 +27,7 @@ from .conftest import REPO, tiny_recipe
 CPU = Machine()
 T4 = Machine(cuda_devices=1, name="Tesla T4", capability=(7, 5), memory_bytes=16 * 2**30)
 FOUR_GPUS = Machine(cuda_devices=4, name="NVIDIA H100", capability=(9, 0), memory_bytes=80 * 2**30)
-FSDP = Plan("fsdp", 8, source="ACCELERATE_USE_FSDP=true")
+FSDP = Plan("fsdp", 4, source="ACCELERATE_USE_FSDP=true")
 DDP = Plan("ddp", 2, source="WORLD_SIZE=2")
 
 
@@ -38,9 +38,9 @@ def make_recipe(**sections):
     return validate(raw)
 
 
-def problems(recipe, plan=Plan(), hardware=CPU) -> str:
+def problems(recipe, plan=Plan(), hardware=CPU, profile=None) -> str:
     with pytest.raises(UserError) as info:
-        launch.preflight(recipe, plan, hardware)
+        launch.preflight(recipe, plan, hardware, profile)
     return str(info.value)
 
 
@@ -72,13 +72,16 @@ def test_every_shipped_profile_is_a_valid_accelerate_config_and_documents_its_co
 
 def test_sharded_profiles_carry_the_settings_qlora_needs():
     fsdp = launch.load_profile(launch.resolve_profile("fsdp_qlora"))["fsdp_config"]
-    # Frozen 4-bit and trainable LoRA weights live in separate FSDP units only with these settings (peft's recipe).
-    assert fsdp["fsdp_use_orig_params"] is False and fsdp["fsdp_cpu_ram_efficient_loading"] is True
-    assert fsdp["fsdp_sync_module_states"] is True and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    # FSDP2: every parameter sharded on its own (no flat tensor mixing frozen 4-bit and trainable LoRA weights), one
+    # group per decoder layer, sharded checkpoints. 4-bit weights cannot be loaded on the meta device, so no
+    # rank-0-only loading.
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT" and fsdp["fsdp_cpu_ram_efficient_loading"] is False
     zero = launch.load_profile(launch.resolve_profile("zero3"))["deepspeed_config"]
     assert zero["zero_stage"] == 3 and zero["zero3_save_16bit_model"] is True  # the adapter is gathered on save
     multi = launch.load_profile(launch.resolve_profile("multi_node"))
-    assert multi["num_machines"] == 2 and multi["main_process_ip"] and multi["main_process_port"]
+    # The meeting point is this cluster's own: pre-flight asks for it rather than shipping an address that hangs.
+    assert multi["num_machines"] == 2 and multi["main_process_ip"] is None and multi["main_process_port"] == 29500
 
 
 def test_profiles_map_to_the_distributed_mode():
@@ -146,7 +149,10 @@ def test_mode_is_read_from_the_environment_accelerate_sets():
 def test_fsdp_needs_quant_storage_equal_to_compute_dtype():
     wrong = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"})
     message = problems(wrong, FSDP, FOUR_GPUS)
-    assert "quantization.bnb_4bit_quant_storage" in message and "set it to bfloat16 (it is uint8)" in message
+    assert (
+        "quantization.bnb_4bit_quant_storage" in message
+        and "set it to bfloat16 (it is uint8, an integer dtype" in message
+    )
     assert "ACCELERATE_USE_FSDP=true" in message
     right = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
     launch.preflight(right, FSDP, FOUR_GPUS)
@@ -254,7 +260,7 @@ def test_auto_attention_is_sdpa_without_a_gpu_and_an_explicit_kernel_is_kept(tin
 def test_reporting_backends_must_be_installed():
     import importlib.util
 
-    for name in ("wandb", "mlflow"):
+    for name in ("wandb", "mlflow", "trackio"):
         recipe = make_recipe(training={"report_to": ["tensorboard", name]})
         if importlib.util.find_spec(name) is None:
             assert f"training.report_to: {name} is not installed: pip install " in problems(recipe)
@@ -294,8 +300,157 @@ def test_checks_run_before_any_weight_is_loaded(tiny_model_dir, arithmetic_rows,
     )
     error = capsys.readouterr().err
     assert "error: pre-flight check found 2 problems: quantization.bnb_4bit_quant_storage" in error
-    assert "shards the model over GPUs (fsdp) and this machine has none" in error
+    assert "is FSDP version 1, which accelerate runs on GPUs only: set fsdp_config.fsdp_version: 2" in error
     assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-flight for every profile on every machine: what cannot run is one error line before any process starts
+
+FSDP2 = Plan("fsdp", 2, source="profile fsdp_qlora.yaml", fsdp_version=2)
+ZERO3 = Plan("deepspeed", 2, 3, source="profile zero3.yaml")
+FLOAT32_STORAGE = {"bnb_4bit_quant_storage": "float32"}  # the compute dtype on CPU
+
+
+def shipped(name: str, machine=CPU, processes=None) -> tuple[Plan, dict]:
+    profile = launch.load_profile(launch.resolve_profile(name))
+    return launch.launch_from_profile(profile, f"{name}.yaml", processes), profile
+
+
+def test_fsdp2_shards_on_a_machine_without_gpus_and_fsdp1_is_refused_there():
+    recipe = make_recipe(quantization=FLOAT32_STORAGE)
+    plan, profile = shipped("fsdp_qlora")
+    assert plan == FSDP2 and launch.preflight(recipe, plan, CPU, profile).launch.sharded
+    fsdp1 = Plan("fsdp", 2, source="profile old.yaml", fsdp_version=1)
+    message = problems(recipe, fsdp1, CPU)
+    assert message == (
+        "pre-flight check found a problem: launch.accelerate_profile: profile old.yaml is FSDP version 1, which "
+        "accelerate runs on GPUs only: set fsdp_config.fsdp_version: 2 in the profile (the shipped fsdp_qlora "
+        "profile runs on CPU processes over gloo), or run on a GPU machine"
+    )
+    launch.preflight(
+        make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"}),
+        fsdp1,
+        FOUR_GPUS,
+    )
+    assert launch_from_env({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2"}).fsdp_version == 2
+
+
+def test_integer_quant_storage_is_named_as_what_fsdp_cannot_flatten():
+    message = problems(make_recipe(), FSDP2, CPU)  # uint8 is the schema's default storage
+    assert "set it to float32 (it is uint8, an integer dtype that FSDP cannot flatten or shard)" in message
+
+
+def test_fsdp_with_an_8bit_base_is_refused():
+    recipe = make_recipe(quantization={"load_in_4bit": False, "load_in_8bit": True})
+    message = problems(recipe, FSDP2, CPU)
+    assert message.startswith("pre-flight check found a problem: quantization.load_in_8bit: FSDP (profile")
+    assert "set quantization.load_in_8bit: false and load_in_4bit: true" in message
+    launch.preflight(recipe, DDP, CPU)  # whole 8-bit models per process are fine
+
+
+def test_more_processes_than_gpus_on_a_gpu_machine():
+    recipe = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
+    by_hand = launch_from_env({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "ACCELERATE_USE_FSDP": "true"})
+    message = problems(recipe, by_hand, FOUR_GPUS)
+    assert "starts 8 processes on this machine (8) but it has 4 GPUs, so ranks would share one" in message
+    assert "set num_processes to 4 (one per GPU)" in message
+    multi = Plan("ddp", 16, source="profile multi_node.yaml", machines=2)  # 8 per machine
+    assert "set num_processes to 8 (one per GPU over 2 machines)" in problems(make_recipe(), multi, FOUR_GPUS)
+    launch.preflight(make_recipe(), Plan("ddp", 8, source="profile multi_node.yaml", machines=2), FOUR_GPUS)
+    # Through --accelerate-profile a single-machine profile starts one process per visible GPU, so it always fits.
+    plan, profile = shipped("fsdp_qlora", FOUR_GPUS, launch.launch_processes(shipped("fsdp_qlora")[1], FOUR_GPUS))
+    launch.preflight(recipe, plan, FOUR_GPUS, profile)
+    launch.preflight(make_recipe(), DDP, CPU)  # CPU processes need no GPU each
+
+
+def test_multi_node_profile_needs_its_rendezvous_settings():
+    plan, profile = shipped("multi_node")
+    assert plan.machines == 2 and plan.local_processes == 8
+    eight = Machine(8, "NVIDIA H100", (9, 0), 80 * 2**30)
+    message = problems(make_recipe(), plan, eight, profile)
+    assert message == (
+        "pre-flight check found a problem: launch.accelerate_profile: profile multi_node.yaml runs on 2 machines "
+        "but sets no main_process_ip: in a copy of the profile set main_process_ip to machine 0's address, "
+        "main_process_port to a port open between them (29500), and machine_rank to this machine's number (0 to 1), "
+        "then pass the copy's path"
+    )
+    bare = {key: value for key, value in profile.items() if key not in launch.RENDEZVOUS}
+    assert "sets no main_process_ip, main_process_port, machine_rank" in problems(make_recipe(), plan, eight, bare)
+    wrong_rank = {**profile, "main_process_ip": "10.1.2.3", "machine_rank": 2}
+    assert "has machine_rank 2: set it to this machine's number, 0 to 1" in problems(
+        make_recipe(), plan, eight, wrong_rank
+    )
+    launch.preflight(make_recipe(), plan, eight, {**profile, "main_process_ip": "10.1.2.3"})
+
+
+def test_a_launch_refused_by_preflight_starts_no_process(tmp_path, monkeypatch, capsys):
+    # The user's command on a machine without GPUs, with the shipped multi-node profile: one line, exit 2, and no
+    # accelerate launcher was started (it would print its own traceback).
+    import subprocess as subprocess_module
+
+    started = []
+    monkeypatch.setattr(subprocess_module, "Popen", lambda *a, **k: started.append(a))
+    for name in ("LOCAL_RANK", "ACCELERATE_MIXED_PRECISION", launch.LAUNCHED_ENV):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n')
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {"model": {"name_or_path": "some/model"}, "data": {"train": [{"path": str(tmp_path / "train.jsonl")}]}}
+        )
+    )
+    assert (
+        main(["train", str(recipe), "--output-dir", str(tmp_path / "run"), "--accelerate-profile", "multi_node"]) == 2
+    )
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        "error: pre-flight check found a problem: launch.accelerate_profile"
+    )
+    assert "runs on 2 machines but sets no main_process_ip" in error[0] and not started
+
+
+def test_deepspeed_needs_the_package_and_on_cpu_a_compiler(monkeypatch):
+    import importlib.util
+
+    recipe = make_recipe(quantization=FLOAT32_STORAGE)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a)
+    )
+    message = problems(recipe, ZERO3, CPU)
+    assert message.endswith(
+        "uses DeepSpeed, which is not installed: pip install deepspeed (on a machine without GPUs it runs on its "
+        "CPU accelerator), or use the fsdp_qlora profile"
+    )
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real_find_spec(name, *a)
+    )
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    assert "no C++ compiler is on PATH: install one (apt-get install g++, or set CXX)" in problems(recipe, ZERO3, CPU)
+    launch.preflight(
+        make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"}),
+        ZERO3,
+        FOUR_GPUS,
+    )  # GPUs need no compiler
+    monkeypatch.delenv("CXX")
+    launch.preflight(recipe, ZERO3, CPU)
+
+
+def test_deepspeed_precision_follows_the_recipe(monkeypatch):
+    recipe = make_recipe(quantization=FLOAT32_STORAGE)
+    resolved = resolve(recipe, CPU, ZERO3)
+    assert launch.mixed_precision(resolved) == "no"
+    bf16 = make_recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "bfloat16"})
+    assert launch.mixed_precision(resolve(bf16, FOUR_GPUS, ZERO3)) == "bf16"
+    message = launch.check_deepspeed_precision(resolved, {"ACCELERATE_MIXED_PRECISION": "bf16"})
+    assert message == [
+        "launch.accelerate_profile: DeepSpeed was launched with mixed_precision bf16 but the recipe trains in "
+        "float32: launch with --mixed_precision no (qlora-kit train --accelerate-profile passes it itself)"
+    ]
+    assert launch.check_deepspeed_precision(resolved, {"ACCELERATE_MIXED_PRECISION": "no"}) == []
+    command = launch.relaunch_command(Path("zero3.yaml"), ["train", "r.yaml"], None, "no")
+    assert command[command.index("--mixed_precision") + 1] == "no"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -369,7 +524,13 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tiny_model_dir, arithmetic
     assert one.returncode == 0, one.stderr[-3000:]
 
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert metrics["launch"] == {"mode": "ddp", "processes": 2, "resumed_from": None} and metrics["steps"] == 4
+    assert metrics["steps"] == 4 and {k: metrics["launch"][k] for k in ("mode", "processes", "resumed_from")} == {
+        "mode": "ddp",
+        "processes": 2,
+        "resumed_from": None,
+    }
+    whole = metrics["launch"]["parameter_bytes"]
+    assert whole["main_process"] == whole["whole"] > 0  # DDP: every process holds the whole model
     # Both ranks trained: each wrote its own RNG state into the checkpoint; only one wrote the run directory.
     assert {p.name for p in (tmp_path / "ddp" / "checkpoint-4").glob("rng_state*")} == {
         "rng_state_0.pth",

@@ -50,6 +50,7 @@ def test_notebooks_are_found():
         "02_concepts.ipynb",
         "03_merge_and_deploy.ipynb",
         "04_benchmark_and_plan.ipynb",
+        "05_preference.ipynb",
     }
     assert expected <= {p.name for p in NOTEBOOKS}
 

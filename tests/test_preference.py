@@ -3,17 +3,26 @@ reference model living inside the one policy model (no second base)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
+from qlora_kit.data import preference
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import load_recipe, validate
 
 from .conftest import REPO, write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
 
 
 def sum_pairs(count: int, seed: int = 0, conversational: bool = True) -> list[dict]:
@@ -103,7 +112,6 @@ def test_training_is_checked_against_the_methods_trl_config():
 
 
 def build(tmp_path, tiny_model_dir, rows, method="dpo", **data):
-    from qlora_kit.data import preference
     from qlora_kit.tokenizer import load_tokenizer
 
     raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2])
@@ -148,6 +156,25 @@ def test_unpaired_rows_for_kto(tmp_path, tiny_model_dir):
     assert built.train["label"] == [True, False] * 3
     with pytest.raises(UserError, match="train with method: kto, not dpo"):
         build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="dpo")
+
+
+def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_model_dir):
+    rows = sum_pairs(6)
+    first, _ = build(tmp_path, tiny_model_dir, rows)
+    second, _ = build(tmp_path, tiny_model_dir, rows)
+    assert (first.stats.cache, second.stats.cache) == ("miss", "hit")
+    assert second.stats.cache_path == first.stats.cache_path
+    assert second.stats.cache_path.startswith(str(tmp_path / "cache" / "data"))
+    assert second.train.to_list() == first.train.to_list() and second.eval.to_list() == first.eval.to_list()
+    assert [r.data for r in second.eval_rows] == [r.data for r in first.eval_rows]
+    assert second.stats.as_dict() | {"cache": "miss"} == first.stats.as_dict()
+    changed, _ = build(tmp_path, tiny_model_dir, [*rows[:-1], *sum_pairs(1, seed=5)])  # other bytes
+    shorter, _ = build(tmp_path, tiny_model_dir, rows, max_length=16)  # another data option
+    off, _ = build(tmp_path, tiny_model_dir, rows, cache=False)
+    assert (changed.stats.cache, shorter.stats.cache, off.stats.cache) == ("miss", "miss", "off")
+    assert len({first.stats.cache_path, changed.stats.cache_path, shorter.stats.cache_path}) == 3
+    key = json.loads((Path(first.stats.cache_path) / "key.json").read_text())
+    assert key["extra"] == {"pipeline": preference.PIPELINE_VERSION, "method": "dpo"}
 
 
 @pytest.mark.parametrize(
@@ -307,3 +334,125 @@ def test_data_command_shows_prompt_chosen_and_rejected(tmp_path, tiny_model_dir,
     assert f"chosen: <|im_start|>user\n{rows[0]['prompt'][0]['content']}" in shown
     assert f"[[{answer}<|im_end|>" in shown and f"[[{wrong}<|im_end|>" in shown
     assert "rows: 4" in shown and "eval_rows: 2" in shown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact resume, DDP, and a preference adapter trained on top of an SFT run (real subprocesses, the SFT tests' helpers)
+
+
+@pytest.fixture(scope="module")
+def dpo_recipe(tmp_path_factory, tiny_model_dir) -> Path:
+    # 32 pairs in batches of 8: 4 steps an epoch, so 8 steps cross a reshuffle; checkpoints every 2 steps (the SFT
+    # resume test's STEPS, whose dropout DPOConfig's disable_dropout turns off in the policy, as trl does).
+    folder = tmp_path_factory.mktemp("dpo-runs")
+    raw = preference_recipe(folder, tiny_model_dir, "dpo", sum_pairs(32), sum_pairs(8, seed=1), beta=0.1)
+    return Path(write_recipe(folder, raw))
+
+
+@pytest.fixture(scope="module")
+def dpo_uninterrupted(dpo_recipe, tmp_path_factory) -> Path:
+    from .test_resume import command, run_cli
+
+    run = tmp_path_factory.mktemp("dpo-full") / "run"
+    result = run_cli(*command(dpo_recipe, run))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def test_dpo_sigkill_then_resume_gives_the_same_adapter(dpo_recipe, dpo_uninterrupted, tmp_path):
+    import signal
+
+    from qlora_kit.checkpoints import complete_checkpoints
+
+    from .test_resume import assert_same_adapter, command, losses, run_cli, staging, start_and_signal
+
+    run = tmp_path / "run"
+    status, _ = start_and_signal(command(dpo_recipe, run), run, signal.SIGKILL, after_step=2)
+    assert status == -signal.SIGKILL and not run.exists()
+    saved = complete_checkpoints(staging(run))
+    assert saved and saved[-1].name not in ("checkpoint-7", "checkpoint-8"), "killed too late to test resuming"
+    resumed = run_cli(*command(dpo_recipe, run, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["method"] == "dpo" and metrics["steps"] == 8
+    assert Path(metrics["launch"]["resumed_from"]).name == saved[-1].name
+    assert_same_adapter(dpo_uninterrupted, run)  # bit for bit
+    assert losses(run / "checkpoint-8") == losses(dpo_uninterrupted / "checkpoint-8")
+
+
+def test_dpo_ddp_on_two_cpu_processes_matches_one_process(dpo_recipe, dpo_uninterrupted, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from .test_resume import command, losses, run_cli
+
+    # The same global batch of 8 pairs: two processes x 4, against the uninterrupted run's one process x 8.
+    run = tmp_path / "ddp"
+    ddp = run_cli(*command(dpo_recipe, run, "--accelerate-profile", "ddp", "training.per_device_train_batch_size=4"))
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["launch"]["processes"] == 2 and metrics["steps"] == 8
+    assert {p.name for p in (run / "checkpoint-8").glob("rng_state*")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    got, expected = losses(run / "checkpoint-8"), losses(dpo_uninterrupted / "checkpoint-8")
+    assert len(got) == 8 and got[0] != got[-1]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=0)
+    adapter_ddp = load_file(run / "adapter" / "adapter_model.safetensors")
+    adapter_one = load_file(dpo_uninterrupted / "adapter" / "adapter_model.safetensors")
+    assert adapter_ddp.keys() == adapter_one.keys() and len(adapter_one) == 2 * 7 * 2  # complete: every layer
+    for name in adapter_one:
+        torch.testing.assert_close(adapter_ddp[name], adapter_one[name], rtol=0, atol=1e-5)
+
+
+def test_sft_then_dpo_then_merge_gives_one_model_with_both_updates(tmp_path, tiny_model_dir, arithmetic_rows):
+    import torch
+    from safetensors.torch import load_file
+
+    from qlora_kit.merge import merge_run
+    from qlora_kit.merge.adapter import load_adapter
+    from qlora_kit.preference import train
+    from qlora_kit.train import train as train_sft
+
+    from .conftest import tiny_recipe
+
+    sft_run, dpo_run = tmp_path / "sft", tmp_path / "dpo"
+    train_sft(load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, max_steps=4)), sft_run)
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", sum_pairs(16), sum_pairs(8, seed=1), max_steps=4)
+    raw["model"]["adapter"] = str(sft_run)
+    metrics = train(load_recipe(write_recipe(tmp_path, raw, "dpo.yaml")), dpo_run).metrics
+    # The run records where it started, by path and by the bytes of the adapter it continued.
+    assert metrics["started_from"] == str(sft_run) and "starting adapter" in metrics["reference"]
+    assert (
+        metrics["started_from_sha256"]
+        == hashlib.sha256((sft_run / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+    )
+    assert yaml.safe_load((dpo_run / "recipe.yaml").read_text())["model"]["adapter"] == str(sft_run)
+
+    merged = {}
+    for run in (sft_run, dpo_run):
+        result = merge_run(run)
+        assert result.report["verification"]["passed"], result.report["verification"]  # logits against the adapter
+        merged[run] = {k: v for p in sorted((run / "merged").glob("*.safetensors")) for k, v in load_file(p).items()}
+    # Both merged onto the same base: the SFT+DPO model differs from the SFT one by exactly the adapters' difference.
+    sft, dpo = load_adapter(sft_run, 1.0, "sft"), load_adapter(dpo_run, 1.0, "dpo")
+    assert sft.updates.keys() == dpo.updates.keys() and len(dpo.updates) == 2 * 7
+
+    def delta(update) -> torch.Tensor:
+        return update.scaling * update.lora_B.float() @ update.lora_A.float()
+
+    moved = 0.0
+    for name, update in dpo.updates.items():
+        expected = delta(update) - delta(sft.updates[name])
+        got = merged[dpo_run][name].float() - merged[sft_run][name].float()
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        moved = max(moved, expected.abs().max().item())
+    assert moved > 1e-3  # DPO changed the SFT adapter it started from
+
+    # Evaluation names the model the run started from "start", beside each sample's reference answer (chosen).
+    from qlora_kit.evaluate.stage import run_eval
+
+    report = run_eval(dpo_run).report
+    assert set(report["metrics"]) == {"base", "start", "tuned", "merged"}
+    assert "reward_accuracy" not in report["metrics"]["start"] and "reward_accuracy" in report["metrics"]["base"]
+    chosen = {pair["chosen"][0]["content"] for pair in sum_pairs(8, seed=1)}
+    samples = [json.loads(line) for line in (dpo_run / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(row["reference"] in chosen and "start" in row for row in samples)

@@ -58,6 +58,36 @@ def test_wrong_types_and_choices_name_the_key():
     assert "data.train" in message
 
 
+def test_trainer_choices_are_checked_against_the_methods_trl_config(tmp_path, capsys):
+    from qlora_kit.cli import main
+
+    message = _error({**MINIMAL, "method": "dpo", "training": {"loss_type": "sigmod"}})
+    assert message.startswith(
+        "recipe has a problem: training.loss_type: 'sigmod' is not a loss_type of trl's DPOConfig"
+    )
+    assert "(did you mean 'sigmoid'?)" in message and "apo_zero" in message  # the values trl's own help lists
+    listed = _error(
+        {**MINIMAL, "method": "dpo", "training": {"loss_type": ["sigmoid", "hing"], "f_divergence_type": "js"}}
+    )
+    assert "'hing' is not a loss_type of trl's DPOConfig (did you mean 'hinge'?)" in listed
+    assert "training.f_divergence_type: 'js' is not a f_divergence_type" in listed
+    kto = _error({**MINIMAL, "method": "kto", "training": {"loss_type": "kto2"}})
+    assert "loss_type of trl's KTOConfig (did you mean 'kto'?); choose one of kto, apo_zero_unpaired" in kto
+    assert "did you mean 'nll'" in _error({**MINIMAL, "training": {"loss_type": "nl"}})
+    assert validate({**MINIMAL, "method": "dpo", "training": {"loss_type": "ipo"}}).training["loss_type"] == "ipo"
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump({**MINIMAL, "method": "dpo", "training": {"loss_type": "sigmod"}}))
+    assert main(["validate", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: ") and "training.loss_type" in error[0], error
+
+
+def test_numbers_yaml_reads_as_text_reach_the_trainer_as_numbers():
+    recipe = load_recipe(REPO / "recipes" / "demo_dpo.yaml", ["training.learning_rate=1e-3", "training.beta=5e-2"])
+    assert recipe.training["learning_rate"] == 0.001 and recipe.training["beta"] == 0.05
+    assert validate({**MINIMAL, "training": {"learning_rate": "2e-4"}}).training["learning_rate"] == 2e-4
+
+
 def test_missing_sections():
     message = _error({"model": {}})
     assert "model.name_or_path: required but missing" in message and "data: required but missing" in message

@@ -1,9 +1,10 @@
-"""Tracking beyond TensorBoard: a real run reporting to MLflow's local store, read back with MLflow's own client."""
+"""Tracking beyond TensorBoard: real runs reporting to MLflow's and trackio's local stores, read back with their own
+clients."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -86,15 +87,6 @@ def test_export_logs_its_report_into_the_runs_mlflow_run(mlflow_run, tmp_path):
     assert exported == json.loads((run / "gguf" / "export.json").read_text())
 
 
-def test_trackio_is_refused_before_training_with_the_reason(capsys, tiny_model_dir, arithmetic_rows, tmp_path):
-    assert importlib.util.find_spec("trackio") is None  # no release installs beside the pins (see tracking.py)
-    path = tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, report_to=["tensorboard", "trackio"])
-    assert main(["train", str(path), "--output-dir", str(tmp_path / "run")]) == 2
-    err = capsys.readouterr().err
-    assert "training.report_to: trackio is not installed" in err and "pillow<13" in err
-    assert not (tmp_path / "run").exists() and not (tmp_path / ".run.partial").exists()
-
-
 def test_resumed_run_continues_its_mlflow_run_with_the_same_losses(tmp_path, tiny_model_dir, arithmetic_rows):
     settings = {"max_steps": STEPS, "report_to": "mlflow", "save_strategy": "steps", "save_steps": 2}
     path = tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, **settings)
@@ -116,3 +108,95 @@ def test_resumed_run_continues_its_mlflow_run_with_the_same_losses(tmp_path, tin
     for step in (3, 4):  # steps 3 and 4 logged by the first run and again by the resumed one: the same numbers
         assert by_step[step][1] == pytest.approx(by_step[step][0], abs=1e-5)
     assert "metrics.json" in {a.path for a in client.list_artifacts(run_id)} and not staging.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# trackio
+
+
+@pytest.fixture(scope="module")
+def trackio_run(tmp_path_factory, tiny_model_dir, arithmetic_rows) -> Path:
+    tmp = tmp_path_factory.mktemp("trackio")
+    settings = {"max_steps": STEPS, "report_to": ["tensorboard", "trackio"], "save_strategy": "steps", "save_steps": 2}
+    path = tiny_recipe(tmp, tiny_model_dir, arithmetic_rows, **settings)
+    assert main(["train", str(path), "--output-dir", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+def trackio_record(run_dir: Path) -> dict:
+    return json.loads((run_dir / tracking.RECORD).read_text())["trackio"]
+
+
+def trackio_losses(record: dict) -> dict[int, list[float]]:
+    from trackio.sqlite_storage import SQLiteStorage
+
+    by_step = {}
+    for row in SQLiteStorage.get_logs(record["project"], record["run"]):
+        if "train/loss" in row:
+            by_step.setdefault(row["train/global_step"], []).append(row["train/loss"])
+    return by_step
+
+
+def trackio_artifacts(record: dict) -> list[str]:
+    """The run's artifacts as "type/file name" (trackio names them run-<run id>-<file name>)."""
+    from trackio.sqlite_storage import SQLiteStorage
+
+    links = SQLiteStorage.get_run_artifacts(record["project"], record["run"], None)["output"]
+    return sorted(f"{link['type']}/{link['name'].rpartition('-')[2]}" for link in links)
+
+
+def test_trackio_records_every_logged_loss_and_the_runs_files_in_its_local_store(trackio_run):
+    record = trackio_record(trackio_run)
+    # The suite's store (conftest sets TRACKIO_DIR); the project is the trainer's default, the name the folder's.
+    assert record["store"] == os.environ["TRACKIO_DIR"] == str(tracking.trackio_store())
+    assert record["project"] == "huggingface" and record["run"].startswith("run-")
+    assert (Path(record["store"]) / "huggingface.db").is_file()
+    losses = trackio_losses(record)
+    metrics = json.loads((trackio_run / "metrics.json").read_text())
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[1][0] == pytest.approx(metrics["train_loss_first"], abs=1e-6)
+    assert losses[STEPS][0] == pytest.approx(metrics["train_loss_last"], abs=1e-6)
+    assert trackio_artifacts(record) == ["training/loss_curve.png", "training/metrics.json", "training/recipe.yaml"]
+
+
+def test_eval_logs_its_report_into_the_runs_trackio_run(trackio_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trackio_run, run)
+    assert main(["eval", str(run)]) == 0
+    record = trackio_record(run)
+    assert {"eval/eval.json", "eval/eval.md", "eval/samples.jsonl"} <= set(trackio_artifacts(record))
+    assert sorted(trackio_losses(record)) == list(range(1, STEPS + 1))  # the same run, not a new one
+
+
+def test_resumed_run_continues_its_trackio_run(trackio_run, tmp_path, tiny_model_dir, arithmetic_rows):
+    # The run as it stood at its checkpoint of step 2: unfinished again, in its staging folder.
+    staging = tmp_path / ".run.partial"
+    shutil.copytree(trackio_run, staging)
+    for name in ("checkpoint-4", "adapter"):
+        shutil.rmtree(staging / name)
+    first = trackio_record(staging)
+    path = tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, max_steps=STEPS, report_to="trackio",
+                       save_strategy="steps", save_steps=2)  # fmt: skip
+    assert main(["train", str(path), "--output-dir", str(tmp_path / "run"), "--resume"]) == 0
+    assert trackio_record(tmp_path / "run")["run"] == first["run"]
+    by_step = trackio_losses(first)
+    assert [len(by_step[s]) for s in (1, 2, 3, 4)] == [1, 1, 2, 2]  # steps 3 and 4 again, from the checkpoint
+    for step in (3, 4):
+        assert by_step[step][1] == pytest.approx(by_step[step][0], abs=1e-5)
+
+
+def test_a_preference_run_logs_to_mlflow_and_trackio_like_sft(tmp_path, tiny_model_dir):
+    from .test_preference import preference_recipe, sum_pairs, write_recipe
+
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", sum_pairs(16), sum_pairs(8, seed=1), max_steps=STEPS)
+    raw["training"]["report_to"] = ["mlflow", "trackio"]
+    run = tmp_path / "run"
+    assert main(["train", write_recipe(tmp_path, raw), "--output-dir", str(run)]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    client, run_id = client_and_id(run)  # MLflow's store in the run directory, not the working directory's mlruns
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(1, STEPS + 1))
+    assert client.get_metric_history(run_id, "loss")[-1].value == pytest.approx(metrics["train_loss_last"], abs=1e-6)
+    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["loss_curve.png", "metrics.json", "recipe.yaml"]
+    record = trackio_record(run)
+    assert sorted(trackio_losses(record)) == list(range(1, STEPS + 1))
+    assert "training/metrics.json" in trackio_artifacts(record)

@@ -78,8 +78,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def cache_key(section: DataSection, tokenizer) -> tuple[str, dict[str, Any]]:
-    """The cache key and the description it hashes (kept beside the entry, to see why two runs differ)."""
+def cache_key(section: DataSection, tokenizer, extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    """The cache key and the description it hashes (kept beside the entry, to see why two runs differ); ``extra``
+    holds what else decides the result (the preference pipeline's version and method)."""
     from importlib.metadata import version
 
     options = section.model_dump(mode="json", exclude=NOT_IN_KEY)
@@ -93,6 +94,8 @@ def cache_key(section: DataSection, tokenizer) -> tuple[str, dict[str, Any]]:
         "eval": source_fingerprint(section.eval) if section.eval else None,
         "options": options,
     }
+    if extra:
+        description["extra"] = extra
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
     return key, description
 

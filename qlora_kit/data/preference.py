@@ -22,12 +22,15 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlora_kit.data import cache
 from qlora_kit.data.build import hold_out
 from qlora_kit.data.sources import BadRows, Row, RowError, read_source
 from qlora_kit.data.tokens import TokenRules
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import DataSource, Recipe
 
+# Bump whenever a change here changes the tokens produced from the same inputs (it is part of the cache key).
+PIPELINE_VERSION = "qlora-kit-preference-1"
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -221,6 +224,8 @@ class PreferenceStats:
     bad_rows: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     answer_tokens: int = 0
+    cache: str = "off"  # hit, miss or off
+    cache_path: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "formats": dict(self.formats), "bad_rows": dict(self.bad_rows)}
@@ -274,7 +279,6 @@ def encode_rows(rows: list[Row], tokenizer, recipe: Recipe, stats: PreferenceSta
 class PreferenceData:
     train: Any  # datasets.Dataset of prompt_ids + chosen_ids/rejected_ids (or completion_ids/label)
     eval: Any | None
-    train_rows: list[Row]
     eval_rows: list[Row]
     stats: PreferenceStats
 
@@ -324,7 +328,26 @@ def collect(recipe: Recipe, bad: BadRows, stats: PreferenceStats) -> tuple[list[
 
 
 def build(recipe: Recipe, tokenizer) -> PreferenceData:
-    """Read, check, hold out and tokenize the recipe's preference data."""
+    """Read, check, hold out and tokenize the recipe's preference data, or load it from the data cache (the SFT
+    pipeline's, keyed by the files' bytes, the tokenizer, every data option, the method and this pipeline's
+    version)."""
+    entry = None
+    if recipe.data.cache:
+        extra = {"pipeline": PIPELINE_VERSION, "method": recipe.method}
+        key, description = cache.cache_key(recipe.data, tokenizer, extra)
+        entry = cache.cache_root(recipe.data) / key
+        cached = cache.load(entry)
+        if cached is not None:
+            stats = PreferenceStats(**{**cached["stats"], "cache": "hit", "cache_path": str(entry)})
+            return PreferenceData(cached["train"], cached["eval"], cached["eval_rows"], stats)
+    data = tokenize(recipe, tokenizer)
+    if entry is not None:
+        data.stats.cache, data.stats.cache_path = "miss", str(entry)
+        cache.save(entry, data.train, data.eval, data.eval_rows, data.stats.as_dict(), description)
+    return data
+
+
+def tokenize(recipe: Recipe, tokenizer) -> PreferenceData:
     from datasets import Dataset
 
     stats, bad = PreferenceStats(), BadRows(recipe.data.max_bad_rows)
@@ -334,9 +357,7 @@ def build(recipe: Recipe, tokenizer) -> PreferenceData:
     stats.rows, stats.eval_rows, stats.bad_rows = len(train), len(evaluation), dict(Counter(bad.reasons))
     if not train:
         raise UserError("data.train: no preference example is left after truncation: raise data.max_length")
-    return PreferenceData(
-        Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, rows, held, stats
-    )
+    return PreferenceData(Dataset.from_list(train), Dataset.from_list(evaluation) if evaluation else None, held, stats)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -364,5 +385,6 @@ def show(console, tokenizer, data: PreferenceData, count: int, plain: bool) -> N
         console.print(f"{key}: {stats[key]}")
     for path, fmt in stats["formats"].items():
         console.print(f"format: {path}: {fmt}")
+    console.print(f"cache: {stats['cache']}" + (f" ({stats['cache_path']})" if stats["cache_path"] else ""))
     for reason, number in stats["bad_rows"].items():
         console.print(f"bad rows skipped ({reason}): {number}")

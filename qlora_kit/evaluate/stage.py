@@ -228,7 +228,7 @@ def run_eval(
             runner.run(name, tuned)
     if recipe.model.adapter and work.pairs is not None:
         with starting_adapter(tuned, recipe):  # the model the preference run started from, e.g. the SFT run
-            runner.run("reference", tuned)
+            runner.run("start", tuned)
     del tuned
     if (merged_dir / "config.json").is_file():
         log(f"merged model: {merged_dir}")
@@ -262,8 +262,9 @@ class _Runner:
     reference: Any = None  # the reference's (chosen, rejected) log-probabilities, for preference runs
 
     def run(self, name: str, model) -> None:
-        # The base is the reference itself unless the run started from an adapter: no rewards against itself.
-        own = name == "reference" or (name == "base" and not self.recipe.model.adapter)
+        # No rewards for the reference against itself: the start (the adapter a preference run continued), or the base
+        # when the run started from a fresh adapter.
+        own = name == "start" or (name == "base" and not self.recipe.model.adapter)
         values, self.outputs[name] = measure(
             model, self.tokenizer, self.work, self.recipe, self.metrics, self.progress, name,
             None if own else self.reference,
@@ -295,7 +296,7 @@ def build_report(
         "models": {
             "base": f"{recipe.model.name_or_path} ({_quantization(recipe)})",
             "tuned": f"base + adapter {run_dir / 'adapter'}",
-            **({"reference": f"base + starting adapter {recipe.model.adapter}"} if "reference" in results else {}),
+            **({"start": f"base + starting adapter {recipe.model.adapter}"} if "start" in results else {}),
             **({"merged": str(merged_dir)} if merged_dir else {}),
         },
         "metrics": results,

@@ -127,7 +127,7 @@ def _export_into(job: Job, staging: Path, show) -> dict[str, Any]:
     base = job.run_dir.resolve().name
     per_file = [paths.BYTES_PER_WEIGHT[kind] for kind in export.types]
     paths.check_disk_space(staging, int(weights * (paths.BYTES_PER_WEIGHT[source_type] + sum(per_file)) * 1.05))
-    texts = [*job.heldout.prompts, *(job.tokenizer.decode(ids) for ids, _ in job.heldout.examples[:4])]
+    texts = [*job.heldout.prompts, *job.heldout.texts]
     pre = convert.choose_pre_tokenizer(job.merged, staging, job.tokenizer, texts, export.pre_tokenizer)
     show("tokenizer", pre)
     eot = [t for t in end_of_turn_ids(job.tokenizer) if t != job.tokenizer.eos_token_id]

@@ -32,6 +32,7 @@ class HeldOut:
     examples: list[tuple[list[int], list[int]]]
     prompts: list[str]
     source: str
+    texts: list[str]  # whole held-out conversations as training rendered them, for the tokenizer check
 
 
 @dataclass
@@ -62,7 +63,10 @@ def held_out_data(recipe: Recipe, tokenizer) -> tuple[HeldOut, list[dict] | None
         if messages and any(m["role"] == "assistant" for m in messages):
             conversation = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
             break
-    return HeldOut(examples, prompts, source), conversation
+    # Rendered, not decoded from the tokens: a SentencePiece tokenizer that opens every piece with "▁" decodes to text
+    # it would never render (a space after each special token), which says nothing about the texts llama.cpp sees.
+    texts = [data_stage.render(row, row.fmt, tokenizer)[0] for row in rows[:4]]
+    return HeldOut(examples, prompts, source, texts), conversation
 
 
 def context_size(heldout: HeldOut, prompt_ids: list[list[int]], max_new_tokens: int) -> int:

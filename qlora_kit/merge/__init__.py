@@ -24,7 +24,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.merge.adapter import Adapter, check_combination, load_adapter
 from qlora_kit.merge.base import base_layout, load_config, locate_checkpoint, merge_device
 from qlora_kit.merge.checkpoint import Checkpoint, ShardWriter, parse_size, plan_shards
-from qlora_kit.merge.outputs import model_card, write_config, write_generation_config
+from qlora_kit.merge.outputs import copy_sentencepiece_model, model_card, write_config, write_generation_config
 from qlora_kit.merge.verify import judge, merged_pass, reference_pass, verification_set
 from qlora_kit.merge.weights import MergePlan, WeightMerger, plan_merge, stream_merge
 from qlora_kit.recipe import Recipe, load_recipe
@@ -186,6 +186,13 @@ def prepare(run_dir: Path, output: Path, overrides: list[str], force: bool) -> P
     )
 
 
+def tokenizer_folder(job: Prepared) -> Path:
+    """The folder the run's tokenizer came from: model.tokenizer_name_or_path when it is a local folder, else the
+    base checkpoint's."""
+    named = job.recipe.model.tokenizer_name_or_path
+    return Path(named).expanduser() if named and Path(named).expanduser().is_dir() else job.base_folder
+
+
 def write_model(job: Prepared, staging: Path, device: torch.device, show) -> dict[str, Any]:
     """Stream the weights into staging, then config, tokenizer and generation config beside them."""
     shards = plan_shards(job.plan.specs, parse_size(job.recipe.merge.max_shard_size))
@@ -196,6 +203,7 @@ def write_model(job: Prepared, staging: Path, device: torch.device, show) -> dic
     seconds = time.perf_counter() - started
     write_config(job.config, staging, job.dtype, job.plan.vocab_rows, job.plan.tied, job.tokenizer)
     job.tokenizer.save_pretrained(staging)
+    copy_sentencepiece_model(tokenizer_folder(job), staging)
     stops = write_generation_config(job.base_folder, job.config, staging, job.tokenizer)
     return {"counts": counts, "shards": len(shards), "merge_seconds": seconds, "eos_token_ids": stops}
 

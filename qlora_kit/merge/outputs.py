@@ -28,6 +28,24 @@ def write_config(config, folder: Path, dtype: torch.dtype, vocab_rows: int, tied
     config.save_pretrained(folder)
 
 
+# SentencePiece vocabularies llama.cpp's converters read (Phi-3, Gemma and Llama-2 style checkpoints ship one);
+# transformers 5 saves a tokenizer as tokenizer.json only, so the file is carried over from where the tokenizer came.
+SENTENCEPIECE_FILES = ("tokenizer.model",)
+
+
+def copy_sentencepiece_model(tokenizer_folder: Path, folder: Path) -> list[str]:
+    """Copy the tokenizer's SentencePiece model beside the merged weights when the source has one; returns the names
+    copied. LoRA leaves the vocabulary alone, so the base's file still describes the merged model's tokens."""
+    import shutil
+
+    copied = []
+    for name in SENTENCEPIECE_FILES:
+        if (tokenizer_folder / name).is_file() and not (folder / name).exists():
+            shutil.copyfile(tokenizer_folder / name, folder / name)
+            copied.append(name)
+    return copied
+
+
 def write_generation_config(base_folder: Path, config, folder: Path, tokenizer) -> list[int]:
     """The base's generation config, stopping at EOS and at the chat template's end-of-turn token."""
     from transformers import GenerationConfig
