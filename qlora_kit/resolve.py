@@ -137,6 +137,11 @@ class Resolved:
     launch: Launch = field(default_factory=Launch)
     memory: MemorySwitches = field(default_factory=lambda: MemorySwitches())
 
+    @property
+    def packed_layout(self) -> PackedLayout | None:
+        """How packed batches are laid out for this kernel (see packed_layout), or None without packing."""
+        return packed_layout(self.attn_implementation) if self.packing else None
+
     def recipe_fields(self) -> dict[str, dict[str, Any]]:
         """The recipe keys whose ``auto`` (or machine default) this resolution decided, as recipe.yaml records them."""
         return {
@@ -218,6 +223,26 @@ def packs(recipe: Recipe, kernel: str) -> bool:
     if "packing" in recipe.training:
         return bool(recipe.training["packing"])
     return bool(training_args(recipe).get("packing")) and keeps_examples_apart(recipe, kernel)
+
+
+# Kernels that read sequence boundaries themselves (cu_seq_lens, derived by transformers from position_ids).
+VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
+PackedLayout = Literal["one-row", "separate-rows"]
+
+
+def packed_layout(kernel: str) -> PackedLayout:
+    """How a packed batch reaches the attention kernel, the fastest layout that keeps examples apart for each kernel.
+
+    - flash-attention (varlen): the whole batch as one row, position ids restarting at each example (trl's
+      padding-free collator). The kernel attends within each example from the boundaries alone: no mask is built,
+      no padding is computed, and the cost is the sum of n_i^2 over the examples.
+    - sdpa, eager, flex: each packed row in its own batch slot (qlora_kit.data.collate.PackedRowsCollator), position
+      ids restarting at each example, no attention mask, so transformers' masking utils build a per-row
+      block-diagonal causal mask. One concatenated row would give sdpa one dense (rows x length)^2 mask: rows times
+      the scores of separate rows (8x at batch 8), most of them masked out but still computed.
+    See docs/benchmarking.md (packed training step) for the measurements.
+    """
+    return "one-row" if kernel in VARLEN_KERNELS else "separate-rows"
 
 
 def keeps_examples_apart(recipe: Recipe, kernel: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
@@ -24,7 +24,7 @@ from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
 from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.data import cache as data_cache
-from qlora_kit.data.collate import VARLEN_KERNELS, PackedRowsCollator, real_token_count
+from qlora_kit.data.collate import PackedRowsCollator, real_token_count
 from qlora_kit.errors import TrainingStopped, UserError
 from qlora_kit.evaluate import compare_base_and_tuned
 from qlora_kit.recipe import (
@@ -35,7 +35,7 @@ from qlora_kit.recipe import (
     to_yaml,
     training_args,
 )
-from qlora_kit.resolve import Launch, Resolved, resolve
+from qlora_kit.resolve import Launch, Resolved, packed_layout, resolve
 
 
 @dataclass
@@ -168,6 +168,7 @@ class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
         super().__init__(*args, **kwargs)
         self.loss_tokens = 0
         self.last_log = (0, time.perf_counter())
+        self.full_logits_loss = False  # set by make_trainer (see full_logits_fit)
 
     def create_accelerator_and_postprocess(self) -> None:
         launch.fsdp_on_cpu(
@@ -180,10 +181,17 @@ class TokenCountingTrainer(checkpoints.AtomicCheckpoints, SFTTrainer):
             return super().compute_loss(model, inputs, *args, **kwargs)
         self.loss_tokens += int((inputs["labels"][:, 1:] != data_stage.IGNORE_INDEX).sum())
         counted = self._total_train_tokens
-        result = super().compute_loss(model, inputs, *args, **kwargs)
-        if isinstance(self.data_collator, PackedRowsCollator):
+        if self.full_logits_loss:
+            # The model's own cross-entropy (transformers' Trainer.compute_loss, summed over the trained tokens and
+            # divided by num_items_in_batch like trl's); trl's entropy and token accuracy are not logged then.
+            result = Trainer.compute_loss(self, model, inputs, *args, **kwargs)
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        else:
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        if self.full_logits_loss or isinstance(self.data_collator, PackedRowsCollator):
             # trl counts one row's width when there is no attention mask; count every row's real tokens.
-            real = torch.tensor(real_token_count(inputs, self.data_collator.pad_token_id), device=self.args.device)
+            pad_token_id = self.processing_class.pad_token_id
+            real = torch.tensor(real_token_count(inputs, pad_token_id), device=self.args.device)
             self._total_train_tokens = counted + int(self.accelerator.gather_for_metrics(real).sum())
         return result
 
@@ -216,10 +224,26 @@ def keep_adapter_dtype(model, adapter_weights: dict[str, torch.Tensor], dtype: t
             param.data = original
 
 
+# Below this size a micro-batch's float32 logits cost less than trl's chunked LM head saves in memory, and the plain
+# cross-entropy is faster: one matmul and one fused loss instead of tiles with log-softmax, entropy and top-1 each.
+FULL_LOGITS_LIMIT_BYTES = 256 * 2**20
+
+
+def full_logits_fit(config, model) -> bool:
+    """Whether a micro-batch's logits are small enough to compute the loss on them whole (see FULL_LOGITS_LIMIT_BYTES).
+
+    Positions per micro-batch x vocabulary x 4 bytes (the float32 upcast the loss makes); packing fills every row to
+    max_length. The demo: 8 x 128 x 768 x 4 = 3 MiB. Llama-3.1-8B at 4 x 2048 with 128,256 tokens: 4 GiB (chunked).
+    """
+    vocab = model.get_output_embeddings().weight.shape[0]
+    positions = config.per_device_train_batch_size * (config.max_length or 1024)
+    return positions * vocab * 4 <= FULL_LOGITS_LIMIT_BYTES
+
+
 def keep_packed_rows_apart(trainer, model, config) -> bool:
     """Swap trl's one-row padding-free collator for separate packed rows unless the kernel is varlen (see collate)."""
     kernel = getattr(model.config, "_attn_implementation", None)
-    if not getattr(trainer, "padding_free", False) or kernel in VARLEN_KERNELS:
+    if not getattr(trainer, "padding_free", False) or packed_layout(kernel) == "one-row":
         return False
     trainer.data_collator = PackedRowsCollator(trainer.processing_class.pad_token_id, config.pad_to_multiple_of)
     return True
@@ -252,6 +276,7 @@ def make_trainer(
 
         # trl wraps the PEFT wrapper, but transformers enables checkpointing on the base model: wrap that too.
         enable_selective_activation_checkpointing(model.get_base_model())
+    trainer.full_logits_loss = full_logits_fit(config, model)
     fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 1:
         from peft.utils.other import fsdp_auto_wrap_policy

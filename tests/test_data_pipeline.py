@@ -301,6 +301,58 @@ def test_trainer_collates_packed_rows_apart_unless_the_kernel_is_varlen(tmp_path
     assert not keep_packed_rows_apart(trainer, model, trainer.args)
 
 
+def test_whole_logits_loss_equals_trls_chunked_loss_on_a_packed_batch(tmp_path, tiny_model_dir, arithmetic_rows):
+    from qlora_kit import model as model_stage
+    from qlora_kit.train import full_logits_fit, make_trainer
+
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_model_dir, arithmetic_rows, per_device_train_batch_size=2))
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    prepared = data.build_datasets(recipe, tokenizer)
+    model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # both paths see the same network
+    trainer = make_trainer(recipe, model, tokenizer, prepared, tmp_path / "out")
+    assert trainer.full_logits_loss and full_logits_fit(trainer.args, model)  # 2 x max_length x small vocab
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trained = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+    results = []
+    for whole in (True, False):
+        trainer.full_logits_loss = whole
+        model.zero_grad()
+        model.train()
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(trained))
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), grads))
+    (whole_loss, whole_grads), (chunked_loss, chunked_grads) = results
+    torch.testing.assert_close(whole_loss, chunked_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(whole_grads, chunked_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_whole_logits_only_when_they_are_small():
+    from types import SimpleNamespace
+
+    from qlora_kit.train import FULL_LOGITS_LIMIT_BYTES, full_logits_fit
+
+    class Head(torch.nn.Module):
+        def __init__(self, vocab):
+            super().__init__()
+            self.head = torch.nn.Linear(1, vocab, bias=False)
+
+        def get_output_embeddings(self):
+            return self.head
+
+    def config(batch, length):  # the two SFTConfig fields the decision reads
+        return SimpleNamespace(per_device_train_batch_size=batch, max_length=length)
+
+    assert full_logits_fit(config(8, 128), Head(768))  # the demo: 8 x 128 x 768 x 4 B = 3 MiB
+    assert not full_logits_fit(config(4, 2048), Head(128_256))  # Llama-3.1-8B: 4 GiB, trl's chunked head
+    edge = FULL_LOGITS_LIMIT_BYTES // (4 * 1024)  # vocabulary whose 1 x 1024 float32 logits hit the limit
+    assert full_logits_fit(config(1, 1024), Head(edge)) and not full_logits_fit(config(1, 1024), Head(edge + 1))
+
+
 def test_train_with_packing_end_to_end(tmp_path, tiny_model_dir, arithmetic_rows):
     from qlora_kit.train import train
 

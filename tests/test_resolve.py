@@ -58,6 +58,14 @@ def test_flash_attention_only_where_it_runs():
     assert resolve(recipe(), CPU, Launch()).attn_implementation == "sdpa"
 
 
+def test_packed_batches_are_one_row_only_for_varlen_flash_attention():
+    packed = recipe(training={"packing": True})
+    assert resolve(packed, A100, Launch()).packed_layout == "one-row"
+    for machine in (H100, T4, CPU):  # sdpa: one row would be one (rows x length)^2 mask
+        assert resolve(packed, machine, Launch()).packed_layout == "separate-rows"
+    assert resolve(recipe(training={"packing": False}), A100, Launch()).packed_layout is None
+
+
 def test_preflight_uses_the_machine_it_is_given():
     bf16 = recipe(quantization={"bnb_4bit_compute_dtype": "bfloat16"})
     with pytest.raises(UserError, match="Tesla T4 has no native bfloat16"):

@@ -162,3 +162,36 @@ def test_merge_of_the_sharded_runs_adapter_verifies(sharded, tmp_path):
     verification = json.loads((output / "merge_report.json").read_text())["verification"]
     assert verification["passed"] and verification["max_abs_logit_diff"] < 1e-4
     assert verification["generation_agreement"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: the same command with the shipped zero3 profile, on DeepSpeed's CPU accelerator over gloo (it
+# compiles its shared-memory communication op with the C++ compiler on first use, then loads it from torch's
+# extension cache).
+
+ZERO3 = ["--accelerate-profile", "zero3", "training.per_device_train_batch_size=2"]
+
+
+@pytest.fixture(scope="module")
+def zero3(recipe, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("zero3") / "run"
+    assert run_cli(command(recipe, run, *ZERO3)).stdout.count("adapter: ") == 1
+    return run
+
+
+def test_zero3_on_two_cpu_processes_matches_one_process_and_its_adapter_loads(zero3, single, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    metrics = json.loads((zero3 / "metrics.json").read_text())
+    assert metrics["launch"]["mode"] == "deepspeed" and metrics["launch"]["processes"] == 2 and metrics["steps"] == 6
+    held = metrics["launch"]["parameter_bytes"]  # ZeRO-3 partitions every parameter: each rank keeps about half
+    assert 0.45 * held["whole"] <= held["main_process"] <= 0.55 * held["whole"]
+    torch.testing.assert_close(losses(zero3 / "checkpoint-6"), losses(single / "checkpoint-6"), rtol=1e-5, atol=0)
+    gathered, whole = adapter(zero3), adapter(single)
+    assert gathered.keys() == whole.keys() and len(gathered) == 2 * 7 * 2
+    for name in whole:
+        torch.testing.assert_close(gathered[name], whole[name], rtol=0, atol=5e-5)
+    assert all(gathered[name].abs().max() > 1e-3 for name in gathered if "lora_B" in name)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), zero3 / "adapter")
+    assert len([name for name, _ in model.named_parameters() if "lora_" in name]) == len(gathered)

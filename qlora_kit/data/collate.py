@@ -5,10 +5,11 @@ kernel (flash-attention) then attends within each example only, which is the che
 eager have no such kernel: transformers builds one dense block-diagonal mask over the whole concatenated row, so a
 batch of 8 packed rows of 512 tokens costs (8 x 512)^2 attention scores instead of 8 x 512^2, eight times the work.
 
-This collator keeps each packed row in its own batch slot instead: ``input_ids`` of shape (rows, longest row),
-``position_ids`` restarting at every example, and no ``attention_mask``, so transformers' masking utils derive a
-per-row block-diagonal causal mask from the position ids (each example attends to itself only). Padding at the end of
-a short row is a segment of its own with labels -100, so it neither attends to nor is attended by real tokens.
+This collator keeps each packed row in its own batch slot instead (``resolve.packed_layout`` picks the layout):
+``input_ids`` of shape (rows, longest row), ``position_ids`` restarting at every example, and no ``attention_mask``,
+so transformers' masking utils derive a per-row block-diagonal causal mask from the position ids (each example
+attends to itself only). Padding at the end of a short row is a segment of its own with labels -100, so it neither
+attends to nor is attended by real tokens.
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from typing import Any
 import torch
 
 from qlora_kit.data.tokens import IGNORE_INDEX
-
-# Kernels that take sequence boundaries from position_ids / cu_seq_lens and so gain from one concatenated row.
-VARLEN_KERNELS = ("flash_attention_2", "flash_attention_3")
 
 
 def restarting_positions(seq_lengths: list[int], row_length: int) -> torch.Tensor:

@@ -1,0 +1,512 @@
+"""qlora-kit beside LLaMA-Factory, axolotl and a plain trl script: the same QLoRA job, interleaved, one table.
+
+    python benchmarks/peers.py                          # install the peers (first time), 3 rounds, packing on
+    python benchmarks/peers.py --rounds 3 --threads 2 --no-packing
+    python benchmarks/peers.py --install-only           # just build the peers' virtual environments
+
+The job comes from a qlora-kit recipe (default recipes/demo.yaml: the demo model in 4-bit NF4 with double
+quantization, LoRA on all linear layers, the demo chat data) plus --steps, --packing and the thread count, and is
+translated into each peer's own configuration (written under --workdir, kept for reading): model, 4-bit settings,
+LoRA rank/alpha/dropout/targets, data, max length, batch, learning rate, schedule and warm-up, steps, seed, packing
+(LLaMA-Factory: packing + neat_packing; axolotl: sample_packing; trl: packing, its padding-free best-fit-decreasing
+default). Every tool keeps packed examples from attending to each other.
+
+Each peer lives in its own virtual environment under --cache-dir (default ~/.cache/qlora-kit-peers), built with pip
+from PyPI: `torch==2.13.0` first (the local CPU wheel on a machine without a GPU), then `llamafactory` /
+`axolotl` with pip's own resolution of their pinned dependencies. qlora-kit and the plain trl script run in this
+Python (the project's environment).
+
+Measured the same way for every tool: the folder benchmarks/peers_hook holds a ``sitecustomize`` that wraps
+transformers' ``Trainer.training_step`` in each tool's process (every tool trains through a transformers Trainer) to
+count each batch's input tokens (real tokens the model reads, padding excluded) and trained tokens (positions with a
+label after the shift) and its loss, and stamps the end of each optimizer step. Wall time and peak RSS come from the
+parent (``os.wait4`` of the child); time to first step is from spawning the process to the end of step 1;
+throughput is over the steps after --warmup-steps. The held-out loss is computed afterwards by one script for every
+tool's saved adapter (qlora-kit's 4-bit loader, peft, the recipe's eval data rendered by qlora-kit's pipeline with
+assistant-only labels). Rounds interleave the tools (qlora-kit, LLaMA-Factory, axolotl, trl, then again); the table
+shows the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HOOK = REPO / "benchmarks" / "peers_hook"
+TORCH = "torch==2.13.0"  # the project's torch; on a machine without a GPU pip's find-links gives the CPU wheel
+PEERS = {"llamafactory": ["llamafactory", "bitsandbytes"], "axolotl": ["axolotl"]}
+# What each peer's training command imports first: a peer whose import fails is reported, with the error, not run.
+ENTRY_MODULES = {"llamafactory": "llamafactory.train.tuner", "axolotl": "axolotl.cli.train"}
+TOOLS = ("qlora-kit", "llamafactory", "axolotl", "trl")
+
+
+@dataclass(frozen=True)
+class Job:
+    """The one training job every tool runs, read from a qlora-kit recipe."""
+
+    model: str
+    train: str
+    eval: str
+    max_length: int
+    batch_size: int
+    learning_rate: float
+    scheduler: str
+    warmup_steps: int
+    steps: int
+    seed: int
+    r: int
+    alpha: int
+    dropout: float
+    double_quant: bool
+    packing: bool
+    end_of_turn: str
+
+
+def job_from_recipe(path: Path, steps: int, packing: bool, end_of_turn: str) -> Job:
+    from qlora_kit.recipe import load_recipe, training_args
+
+    recipe = load_recipe(str(path))
+    args = training_args(recipe)
+    if recipe.lora.target_modules != "all-linear" or recipe.model.tokenizer_name_or_path:
+        sys.exit("error: peers.py compares LoRA on all linear layers of a model folder with its own tokenizer")
+    if len(recipe.data.train) != 1 or recipe.data.eval is None:
+        sys.exit("error: peers.py needs a recipe with one train file and an eval file (data.train, data.eval)")
+    return Job(
+        model=str((REPO / recipe.model.name_or_path).resolve()),
+        train=str((REPO / recipe.data.train[0].path).resolve()),
+        eval=str((REPO / recipe.data.eval.path).resolve()),
+        max_length=recipe.data.max_length,
+        batch_size=args["per_device_train_batch_size"],
+        learning_rate=args["learning_rate"],
+        scheduler=args["lr_scheduler_type"],
+        warmup_steps=min(args.get("warmup_steps") or 0, steps // 10),
+        steps=steps,
+        seed=args["seed"],
+        r=recipe.lora.r,
+        alpha=recipe.lora.lora_alpha,
+        dropout=recipe.lora.lora_dropout,
+        double_quant=recipe.quantization.bnb_4bit_use_double_quant,
+        packing=packing,
+        end_of_turn=end_of_turn,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Installing the peers
+
+
+def install(cache: Path) -> dict[str, float]:
+    """Build each peer's virtual environment once; return the seconds each install took (recorded beside it)."""
+    times = {}
+    for name, packages in PEERS.items():
+        venv = cache / name
+        stamp = venv / ".installed.json"
+        if not stamp.is_file():
+            print(f"installing {name} into {venv} ...", flush=True)
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+            subprocess.run([*pip, TORCH], check=True)
+            subprocess.run([*pip, TORCH, *packages], check=True)
+            # PyPI's torchvision wheel (pulled in by llamafactory) is built against the CUDA torch: its C++ ops fail
+            # to register against the CPU torch, and transformers then fails to import at all ("operator
+            # torchvision::nms does not exist"); transformers only uses it when present. (torchaudio has the same
+            # problem, but LLaMA-Factory imports it unconditionally: see import_error and benchmarks/RESULTS.md.)
+            subprocess.run([*pip[:3], "uninstall", "-q", "-y", "torchvision"], check=True)
+            freeze = subprocess.run([*pip[:3], "freeze"], capture_output=True, text=True, check=True).stdout
+            stamp.write_text(json.dumps({"seconds": time.perf_counter() - started, "freeze": freeze}, indent=1))
+        times[name] = json.loads(stamp.read_text())["seconds"]
+    return times
+
+
+def import_error(cache: Path, name: str) -> str | None:
+    """The error importing the peer's training entry point in its environment (last line), or None if it imports."""
+    python = str(cache / name / "bin" / "python")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DISABLE_VERSION_CHECK": "1"}
+    result = subprocess.run([python, "-c", f"import {ENTRY_MODULES[name]}"], capture_output=True, text=True, env=env)
+    if result.returncode == 0:
+        return None
+    return result.stderr.strip().splitlines()[-1]
+
+
+def peer_versions(cache: Path) -> dict[str, dict[str, str]]:
+    wanted = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "llamafactory", "axolotl")
+    found = {}
+    for name in PEERS:
+        lines = json.loads((cache / name / ".installed.json").read_text())["freeze"].splitlines()
+        pins = dict(line.split("==", 1) for line in lines if "==" in line)
+        found[name] = {k: pins[k] for k in wanted if k in pins}
+    return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Each tool's configuration for the job
+
+
+def llamafactory_config(job: Job, out: Path) -> list[str]:
+    data_dir = out / "lf-data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    info = {
+        "demo": {
+            "file_name": job.train,
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {**tags, "system_tag": "system"},
+        }
+    }
+    (data_dir / "dataset_info.json").write_text(json.dumps(info, indent=1))
+    config = {
+        "model_name_or_path": job.model,
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "quantization_bit": 4,
+        "quantization_method": "bitsandbytes",
+        "quantization_type": "nf4",
+        "double_quantization": job.double_quant,
+        "lora_rank": job.r,
+        "lora_alpha": job.alpha,
+        "lora_dropout": job.dropout,
+        "lora_target": "all",
+        "dataset": "demo",
+        "dataset_dir": str(data_dir),
+        "template": "chatml",  # the demo model's template: <|im_start|>role\ncontent<|im_end|>\n
+        "cutoff_len": job.max_length,
+        "packing": job.packing,
+        "neat_packing": job.packing,
+        "preprocessing_num_workers": 1,
+        "dataloader_num_workers": 0,
+        "overwrite_cache": True,
+        "output_dir": str(out / "llamafactory-out"),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": job.batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": job.learning_rate,
+        "lr_scheduler_type": job.scheduler,
+        "warmup_steps": job.warmup_steps,
+        "max_steps": job.steps,
+        "seed": job.seed,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "plot_loss": False,
+        "disable_tqdm": True,
+    }
+    path = out / "llamafactory.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return ["-m", "llamafactory.cli", "train", str(path)]
+
+
+def axolotl_config(job: Job, out: Path) -> list[str]:
+    config = {
+        "base_model": job.model,
+        "load_in_4bit": True,
+        "adapter": "qlora",
+        "bnb_config_kwargs": {"bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": job.double_quant},
+        "lora_r": job.r,
+        "lora_alpha": job.alpha,
+        "lora_dropout": job.dropout,
+        "lora_target_linear": True,
+        # axolotl turns on its fused LoRA kernels by default; they dequantize NF4 through CUDA streams only.
+        "lora_mlp_kernel": False,
+        "lora_qkv_kernel": False,
+        "lora_o_kernel": False,
+        "datasets": [
+            {
+                "path": job.train,
+                "ds_type": "json",
+                "type": "chat_template",
+                "field_messages": "messages",
+                "roles_to_train": ["assistant"],
+                "train_on_eot": "turn",
+            }
+        ],
+        "chat_template": "tokenizer_default",
+        # The demo tokenizer's EOS (<|endoftext|>) never appears in a ChatML render; the turn ends with <|im_end|>,
+        # which qlora-kit trains (it is what makes the model stop). axolotl trains it only when named here.
+        "eot_tokens": [job.end_of_turn],
+        "dataset_prepared_path": str(out / "axolotl-prepared"),
+        "val_set_size": 0,
+        "sequence_len": job.max_length,
+        "sample_packing": job.packing,
+        "pad_to_sequence_len": job.packing,
+        "micro_batch_size": job.batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_steps": job.steps,
+        "num_epochs": 100,
+        "learning_rate": job.learning_rate,
+        "lr_scheduler": job.scheduler,
+        "warmup_steps": job.warmup_steps,
+        "optimizer": "adamw_torch",
+        "seed": job.seed,
+        "sdp_attention": True,
+        "flash_attention": False,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "gradient_checkpointing": False,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "dataloader_num_workers": 0,
+        "output_dir": str(out / "axolotl-out"),
+    }
+    path = out / "axolotl.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return ["-m", "axolotl.cli.train", str(path)]
+
+
+TRL_SCRIPT = '''\
+"""The plain trl script a user writes for the job (generated by benchmarks/peers.py)."""
+import json, sys
+import datasets, torch
+from peft import LoraConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from trl import SFTConfig, SFTTrainer
+
+job = json.loads(sys.argv[1])
+tokenizer = AutoTokenizer.from_pretrained(job["model"])
+quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+                           bnb_4bit_use_double_quant=job["double_quant"])
+model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=torch.float32)
+lora = LoraConfig(r=job["r"], lora_alpha=job["alpha"], lora_dropout=job["dropout"], target_modules="all-linear",
+                  task_type="CAUSAL_LM")
+config = SFTConfig(output_dir=sys.argv[2], max_length=job["max_length"], packing=job["packing"],
+                   per_device_train_batch_size=job["batch_size"], learning_rate=job["learning_rate"],
+                   lr_scheduler_type=job["scheduler"], warmup_steps=job["warmup_steps"], max_steps=job["steps"],
+                   seed=job["seed"], logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
+                   disable_tqdm=True, dataloader_num_workers=0)
+rows = datasets.load_dataset("json", data_files=job["train"], split="train")
+trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+trainer.train()
+trainer.save_model(sys.argv[2])
+'''
+
+
+def trl_config(job: Job, out: Path) -> list[str]:
+    script = out / "plain_trl.py"
+    script.write_text(TRL_SCRIPT)
+    return [str(script), json.dumps(asdict(job)), str(out / "trl-out")]
+
+
+def qlora_kit_config(job: Job, out: Path, recipe: Path) -> list[str]:
+    overrides = [
+        f"training.max_steps={job.steps}",
+        f"training.warmup_steps={job.warmup_steps}",
+        f"training.packing={str(job.packing).lower()}",
+        "training.save_strategy=no",
+        "training.report_to=none",
+        "training.logging_steps=10",
+        "training.dataloader_num_workers=0",
+        "training.disable_tqdm=true",
+        "eval.num_samples=0",
+        f"data.cache_dir={out / 'qlora-kit-cache'}",
+    ]
+    return ["-m", "qlora_kit", "train", str(recipe), *overrides, "--output-dir", str(out / "qlora-kit-out"), "--force"]
+
+
+def adapter_dir(tool: str, out: Path) -> Path:
+    return {
+        "qlora-kit": out / "qlora-kit-out" / "adapter",
+        "llamafactory": out / "llamafactory-out",
+        "axolotl": out / "axolotl-out",
+        "trl": out / "trl-out",
+    }[tool]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running and measuring
+
+
+def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int) -> dict:
+    """One training run in a fresh process; per-step figures from the hook, wall time and peak RSS from wait4."""
+    record = out / f"{tool}-steps.json"
+    record.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(HOOK), str(REPO)]),
+        "QLORA_KIT_PEERS_OUT": str(record),
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "CUDA_VISIBLE_DEVICES": "",
+        "WANDB_DISABLED": "true",
+        "AXOLOTL_DO_NOT_TRACK": "1",  # no telemetry upload attempts (there is no network to reach anyway)
+        "DISABLE_VERSION_CHECK": "1",  # LLaMA-Factory: its own pins are what pip installed
+    }
+    log = out / f"{tool}.log"
+    started = time.time()
+    with log.open("w") as handle:
+        # qlora-kit reads the recipe's relative paths from the repository root; the peers write beside their configs.
+        cwd = REPO if tool == "qlora-kit" else out
+        child = subprocess.Popen([python, *command], cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)
+    wall = time.time() - started
+    if os.waitstatus_to_exitcode(status) != 0 or not record.is_file():
+        tail = "\n".join(log.read_text().splitlines()[-20:])
+        raise RuntimeError(f"{tool} failed (exit {os.waitstatus_to_exitcode(status)}), see {log}:\n{tail}")
+    steps = json.loads(record.read_text())
+    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, **summarize_steps(steps, started)}
+
+
+def summarize_steps(record: dict, started: float, warmup: int = 5) -> dict:
+    steps = record["steps"]
+    measured = steps[warmup:]
+    seconds = measured[-1]["t"] - steps[warmup - 1]["t"]
+    losses = [s["loss"] for s in steps[-10:] if s["loss"] is not None]
+    return {
+        "steps": len(steps),
+        "threads": record["threads"],
+        "first_step_s": steps[0]["t"] - started,
+        "step_ms": 1000 * seconds / len(measured),
+        "input_tokens_per_s": sum(s["input"] for s in measured) / seconds,
+        "trained_tokens_per_s": sum(s["trained"] for s in measured) / seconds,
+        "final_train_loss": sum(losses) / len(losses),
+    }
+
+
+HELDOUT = """
+import json, sys
+from peft import PeftModel
+from qlora_kit import data as data_stage, model as model_stage, tokenizer as tokenizer_rules
+from qlora_kit.evaluate.generation import heldout_loss
+from qlora_kit.recipe import load_recipe
+recipe = load_recipe(sys.argv[1], ["data.cache=false"])
+tokenizer = tokenizer_rules.load_tokenizer(recipe)
+prepared = data_stage.build_datasets(recipe, tokenizer, show_progress=False)
+# Score each answer up to and including its end-of-turn token: the template's newline after it is formatting that
+# generation never produces, and not every tool trains it (axolotl does not), so it would decide the comparison alone.
+end = tokenizer.convert_tokens_to_ids(sys.argv[3])
+ids = prepared.eval["input_ids"]
+labels = [[-100 if i and row[i - 1] == end else label for i, label in enumerate(lab)]
+          for row, lab in zip(ids, prepared.eval["labels"])]
+scored = {"input_ids": ids, "labels": labels}
+losses = {}
+for name, adapter in json.loads(sys.argv[2]).items():
+    model = PeftModel.from_pretrained(model_stage.load_base_model(recipe, tokenizer), adapter)
+    losses[name] = heldout_loss(model, scored, tokenizer.pad_token_id)
+print(json.dumps(losses))
+"""
+
+
+def heldout_losses(recipe: Path, adapters: dict[str, str], end_of_turn: str) -> dict[str, float]:
+    """One script, one tokenization of the held-out data, for every tool's adapter."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", HELDOUT, str(recipe), json.dumps(adapters), end_of_turn],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    columns = [
+        ("wall time (s)", "wall_s", "{:.1f}"),
+        ("time to first step (s)", "first_step_s", "{:.1f}"),
+        ("step (ms)", "step_ms", "{:.0f}"),
+        ("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"),
+        ("input tokens/s", "input_tokens_per_s", "{:,.0f}"),
+        ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
+        ("final train loss", "final_train_loss", "{:.3f}"),
+        ("held-out loss", "heldout_loss", "{:.3f}"),
+    ]
+    lines = ["| tool | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
+    for tool, runs in results.items():
+        cells = [fmt.format(statistics.median(r[key] for r in runs)) for _, key, fmt in columns]
+        lines.append(f"| {tool} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rescore(args: argparse.Namespace, job: Job) -> None:
+    """The held-out loss of the last round's adapters, written over every round's figure in peers.json."""
+    report = json.loads((args.workdir / "peers.json").read_text())
+    results = report["results"]
+    adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in results}
+    for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn).items():
+        for run in results[tool]:
+            run["heldout_loss"] = loss
+    report["heldout_rescored_from_last_round"] = True
+    (args.workdir / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(table(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, the same for every tool")
+    parser.add_argument("--no-packing", dest="packing", action="store_false")
+    parser.add_argument("--end-of-turn", default="<|im_end|>", help="the chat template's end-of-turn token (ChatML)")
+    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qlora-kit-peers")
+    parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "out" / "peers")
+    parser.add_argument("--install-only", action="store_true")
+    parser.add_argument(
+        "--heldout-only",
+        action="store_true",
+        help="recompute the held-out loss of the adapters the last round left in --workdir and reprint the table",
+    )
+    args = parser.parse_args()
+
+    args.cache_dir.mkdir(parents=True, exist_ok=True)
+    installs = install(args.cache_dir)
+    print("install seconds:", {k: round(v) for k, v in installs.items()}, flush=True)
+    if args.install_only:
+        return
+    job = job_from_recipe(args.recipe, args.steps, args.packing, args.end_of_turn)
+    if args.heldout_only:
+        rescore(args, job)
+        return
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "qlora-kit": (sys.executable, qlora_kit_config(job, args.workdir, args.recipe.resolve())),
+        "llamafactory": (str(args.cache_dir / "llamafactory/bin/python"), llamafactory_config(job, args.workdir)),
+        "axolotl": (str(args.cache_dir / "axolotl/bin/python"), axolotl_config(job, args.workdir)),
+        "trl": (sys.executable, trl_config(job, args.workdir)),
+    }
+    broken = {tool: import_error(args.cache_dir, tool) for tool in args.tools if tool in PEERS}
+    for tool, error in broken.items():
+        if error:
+            print(f"{tool} is installed but cannot run here, left out: {error}", flush=True)
+    args.tools = [tool for tool in args.tools if not broken.get(tool)]
+    results: dict[str, list[dict]] = {tool: [] for tool in args.tools}
+    for round_ in range(1, args.rounds + 1):
+        for tool in args.tools:
+            python, command = commands[tool]
+            run = run_tool(tool, command, python, args.workdir, args.threads)
+            results[tool].append(run)
+            print(f"round {round_} {tool}: " + json.dumps({k: round(v, 3) for k, v in run.items()}), flush=True)
+        adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in args.tools}
+        for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn).items():
+            results[tool][-1]["heldout_loss"] = loss
+    report = {"job": asdict(job), "threads": args.threads, "installs_s": installs, "results": results}
+    report["left_out"] = {tool: error for tool, error in broken.items() if error}
+    report["peer_versions"] = peer_versions(args.cache_dir)
+    (args.workdir / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\n{args.rounds} rounds, {args.threads} threads each, packing {'on' if job.packing else 'off'}; medians:")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
