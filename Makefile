@@ -22,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -c constraints.txt -e ".[metrics,lm-eval,gguf,tracking,dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[metrics,lm-eval,gguf,tracking,deepspeed,dev]"
 	$(PY) -m qlora_kit.export.install $(LLAMA_CPP)
 	touch $(STAMP)
 
