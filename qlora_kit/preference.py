@@ -215,12 +215,10 @@ def train(
     model = policy_model(recipe, tokenizer, resolved)
     trainable, total = model.get_nb_trainable_parameters()
     show("model", {"trainable": trainable, "total": total, "dtype": str(resolved.compute_dtype)})
-    resumed = checkpoint is not None
-    tracking.name_trackio_run(recipe, config, staging, run_dir, resumed, main=config.process_index == 0)
     trainer = make_trainer(recipe, model, tokenizer, data, config, resolved)
     main = trainer.is_world_process_zero()
     # MLflow's store and trackio's run name, as for SFT: the trackers log into the run, and its files are artifacts.
-    with tracking.mlflow_run(recipe, staging, config.run_name, resumed, main) as tracked:
+    with tracking.tracked_run(recipe, trainer.args, staging, run_dir, checkpoint is not None, main) as tracked:
         metrics = _train_and_publish(trainer, model, tokenizer, recipe, resolved, data, config, checkpoint, run_dir,
                                      tracked)  # fmt: skip
     show("preference_done", {"run_dir": str(run_dir), **metrics})

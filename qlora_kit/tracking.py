@@ -84,6 +84,15 @@ class TrackedRun:
 
 
 @contextmanager
+def tracked_run(recipe: Recipe, args, staging: Path, run_dir: Path, resume: bool, main: bool) -> Iterator:
+    """What the trackers need before training starts: trackio's run name, set on the trainer's arguments (its
+    callback reads them when training begins), and the MLflow run its callback logs into (see ``mlflow_run``)."""
+    name_trackio_run(recipe, args, staging, run_dir, resume, main)
+    with mlflow_run(recipe, staging, args.run_name, resume, main) as tracked:
+        yield tracked
+
+
+@contextmanager
 def mlflow_run(recipe: Recipe, staging: Path, run_name: str | None, resume: bool, main: bool) -> Iterator:
     """The MLflow run transformers' MLflowCallback logs into (it logs into an active run rather than starting one).
 

@@ -388,15 +388,13 @@ def train(
     if checkpoint is not None:
         show("resume", {"checkpoint": str(checkpoint)})
 
-    resumed = checkpoint is not None
-    tracking.name_trackio_run(recipe, config, staging, run_dir, resumed, main=config.process_index == 0)
     trainer = make_trainer(recipe, model, tokenizer, prepared, staging, config, resolved)
     if recipe.eval.callback_steps and prepared.eval_rows:
         from qlora_kit.evaluate.callback import generation_eval_callback
 
         trainer.add_callback(generation_eval_callback(trainer, tokenizer, prepared.eval_rows, recipe))
     main = trainer.is_world_process_zero()
-    with tracking.mlflow_run(recipe, staging, config.run_name, resumed, main) as tracked:
+    with tracking.tracked_run(recipe, trainer.args, staging, run_dir, checkpoint is not None, main) as tracked:
         metrics = _train_and_publish(
             trainer, model, tokenizer, recipe, resolved, prepared, checkpoint, run_dir, tracked
         )
