@@ -36,7 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -45,9 +45,18 @@ REPO = Path(__file__).resolve().parents[1]
 HOOK = REPO / "benchmarks" / "peers_hook"
 TORCH = "torch==2.13.0"  # the project's torch; on a machine without a GPU pip's find-links gives the CPU wheel
 PEERS = {"llamafactory": ["llamafactory", "bitsandbytes"], "axolotl": ["axolotl"]}
+# LLaMA-Factory imports torchaudio unconditionally, and PyPI has no torchaudio that loads beside the project's CPU
+# torch (its 2.11 wheel is a CUDA build; 2.13 does not exist there). torch, torchvision and torchaudio 2.9.1 from
+# PyPI are CUDA builds that match each other and run on the CPU, so LLaMA-Factory gets those; the qlora-kit@2.9
+# tool runs qlora-kit on the same torch to show what the torch version alone changes.
+PEER_TORCH = {
+    "llamafactory": ["torch==2.9.1", "torchvision==0.24.1", "torchaudio==2.9.1"],
+    "axolotl": [TORCH],
+    "qlora-kit-torch2.9": ["torch==2.9.1"],
+}
 # What each peer's training command imports first: a peer whose import fails is reported, with the error, not run.
 ENTRY_MODULES = {"llamafactory": "llamafactory.train.tuner", "axolotl": "axolotl.cli.train"}
-TOOLS = ("qlora-kit", "llamafactory", "axolotl", "trl")
+TOOLS = ("qlora-kit", "llamafactory", "axolotl", "trl", "qlora-kit-torch2.9")
 
 
 @dataclass(frozen=True)
@@ -105,10 +114,21 @@ def job_from_recipe(path: Path, steps: int, packing: bool, end_of_turn: str) -> 
 # Installing the peers
 
 
+def _project_requirements(venv: Path) -> tuple[list[str], Path]:
+    """qlora-kit's own dependencies (without torch) and constraints.txt less its torch pin, for the torch-2.9 run."""
+    import tomllib
+
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    constraints = venv / "constraints-without-torch.txt"
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    constraints.write_text("\n".join(line for line in lines if not line.startswith("torch==")) + "\n")
+    return [d for d in dependencies if not d.startswith("torch")], constraints
+
+
 def install(cache: Path) -> dict[str, float]:
     """Build each peer's virtual environment once; return the seconds each install took (recorded beside it)."""
     times = {}
-    for name, packages in PEERS.items():
+    for name, torch_packages in PEER_TORCH.items():
         venv = cache / name
         stamp = venv / ".installed.json"
         if not stamp.is_file():
@@ -116,13 +136,17 @@ def install(cache: Path) -> dict[str, float]:
             started = time.perf_counter()
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
             pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-            subprocess.run([*pip, TORCH], check=True)
-            subprocess.run([*pip, TORCH, *packages], check=True)
-            # PyPI's torchvision wheel (pulled in by llamafactory) is built against the CUDA torch: its C++ ops fail
-            # to register against the CPU torch, and transformers then fails to import at all ("operator
-            # torchvision::nms does not exist"); transformers only uses it when present. (torchaudio has the same
-            # problem, but LLaMA-Factory imports it unconditionally: see import_error and benchmarks/RESULTS.md.)
-            subprocess.run([*pip[:3], "uninstall", "-q", "-y", "torchvision"], check=True)
+            subprocess.run([*pip, *torch_packages], check=True)
+            if name in PEERS:
+                subprocess.run([*pip, torch_packages[0], *PEERS[name]], check=True)
+            else:  # qlora-kit itself, run from this checkout (PYTHONPATH), on the peer's torch
+                requirements, constraints = _project_requirements(venv)
+                subprocess.run([*pip, "-c", str(constraints), torch_packages[0], *requirements], check=True)
+            if torch_packages == [TORCH]:
+                # PyPI's torchvision wheel (pulled in by axolotl's dependencies) is built against the CUDA torch: its
+                # C++ ops fail to register against the CPU torch, and transformers then fails to import at all
+                # ("operator torchvision::nms does not exist"); transformers only uses it when present.
+                subprocess.run([*pip[:3], "uninstall", "-q", "-y", "torchvision"], check=True)
             freeze = subprocess.run([*pip[:3], "freeze"], capture_output=True, text=True, check=True).stdout
             stamp.write_text(json.dumps({"seconds": time.perf_counter() - started, "freeze": freeze}, indent=1))
         times[name] = json.loads(stamp.read_text())["seconds"]
@@ -142,7 +166,7 @@ def import_error(cache: Path, name: str) -> str | None:
 def peer_versions(cache: Path) -> dict[str, dict[str, str]]:
     wanted = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "llamafactory", "axolotl")
     found = {}
-    for name in PEERS:
+    for name in PEER_TORCH:
         lines = json.loads((cache / name / ".installed.json").read_text())["freeze"].splitlines()
         pins = dict(line.split("==", 1) for line in lines if "==" in line)
         found[name] = {k: pins[k] for k in wanted if k in pins}
@@ -172,7 +196,7 @@ def llamafactory_config(job: Job, out: Path) -> list[str]:
         "do_train": True,
         "finetuning_type": "lora",
         "quantization_bit": 4,
-        "quantization_method": "bitsandbytes",
+        "quantization_method": "bnb",  # LLaMA-Factory 0.9.5 silently ignores the older name "bitsandbytes"
         "quantization_type": "nf4",
         "double_quantization": job.double_quant,
         "lora_rank": job.r,
@@ -302,10 +326,13 @@ def trl_config(job: Job, out: Path) -> list[str]:
     return [str(script), json.dumps(asdict(job)), str(out / "trl-out")]
 
 
-def qlora_kit_config(job: Job, out: Path, recipe: Path) -> list[str]:
+def qlora_kit_config(
+    job: Job, out: Path, recipe: Path, tool: str = "qlora-kit", extra: tuple[str, ...] = ()
+) -> list[str]:
     overrides = [
         f"training.max_steps={job.steps}",
         f"training.warmup_steps={job.warmup_steps}",
+        f"training.seed={job.seed}",
         f"training.packing={str(job.packing).lower()}",
         "training.save_strategy=no",
         "training.report_to=none",
@@ -314,13 +341,15 @@ def qlora_kit_config(job: Job, out: Path, recipe: Path) -> list[str]:
         "training.disable_tqdm=true",
         "eval.num_samples=0",
         f"data.cache_dir={out / 'qlora-kit-cache'}",
+        *extra,
     ]
-    return ["-m", "qlora_kit", "train", str(recipe), *overrides, "--output-dir", str(out / "qlora-kit-out"), "--force"]
+    return ["-m", "qlora_kit", "train", str(recipe), *overrides, "--output-dir", str(out / f"{tool}-out"), "--force"]
 
 
 def adapter_dir(tool: str, out: Path) -> Path:
     return {
         "qlora-kit": out / "qlora-kit-out" / "adapter",
+        "qlora-kit-torch2.9": out / "qlora-kit-torch2.9-out" / "adapter",
         "llamafactory": out / "llamafactory-out",
         "axolotl": out / "axolotl-out",
         "trl": out / "trl-out",
@@ -331,11 +360,16 @@ def adapter_dir(tool: str, out: Path) -> Path:
 # Running and measuring
 
 
-def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int) -> dict:
-    """One training run in a fresh process; per-step figures from the hook, wall time and peak RSS from wait4."""
+def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int, profile: bool = False) -> dict:
+    """One training run in a fresh process; per-step figures from the hook, wall time and peak RSS from wait4.
+
+    With ``profile``, the hook also runs the torch profiler over steps 6-10 and writes the ops that took the most
+    time to ``{tool}-profile.txt`` (the profiler slows those steps, so a profiled run's speed is not reported)."""
     record = out / f"{tool}-steps.json"
     record.unlink(missing_ok=True)
+    profiling = {"QLORA_KIT_PEERS_PROFILE": str(out / f"{tool}-profile.txt")} if profile else {}
     env = {
+        **profiling,
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(HOOK), str(REPO)]),
         "QLORA_KIT_PEERS_OUT": str(record),
@@ -353,7 +387,7 @@ def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int
     started = time.time()
     with log.open("w") as handle:
         # qlora-kit reads the recipe's relative paths from the repository root; the peers write beside their configs.
-        cwd = REPO if tool == "qlora-kit" else out
+        cwd = REPO if tool.startswith("qlora-kit") else out
         child = subprocess.Popen([python, *command], cwd=cwd, env=env, stdout=handle, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)
     wall = time.time() - started
@@ -361,7 +395,15 @@ def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int
         tail = "\n".join(log.read_text().splitlines()[-20:])
         raise RuntimeError(f"{tool} failed (exit {os.waitstatus_to_exitcode(status)}), see {log}:\n{tail}")
     steps = json.loads(record.read_text())
-    return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, **summarize_steps(steps, started)}
+    if not steps.get("four_bit_weights"):
+        raise RuntimeError(f"{tool} trained without 4-bit weights (its configuration is not QLoRA), see {log}")
+    return {
+        "wall_s": wall,
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "four_bit_weights": steps["four_bit_weights"],
+        "trainable_parameters": steps["trainable_parameters"],
+        **summarize_steps(steps, started),
+    }
 
 
 def summarize_steps(record: dict, started: float, warmup: int = 5) -> dict:
@@ -450,6 +492,28 @@ def rescore(args: argparse.Namespace, job: Job) -> None:
     print(table(results))
 
 
+def profile_tools(args: argparse.Namespace, commands: dict[str, tuple[str, list[str]]]) -> None:
+    """Where each tool's packed step goes: the torch profiler's top ops, one run per tool, printed side by side."""
+    for tool in args.tools:
+        python, command = commands[tool]
+        run_tool(tool, command, python, args.workdir, args.threads, profile=True)
+        print(f"\n## {tool}\n" + (args.workdir / f"{tool}-profile.txt").read_text(), flush=True)
+
+
+def tool_commands(job: Job, args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
+    """Each tool's Python and command line for the job (writing the peers' configurations into --workdir)."""
+    return {
+        "qlora-kit": (sys.executable, qlora_kit_config(job, args.workdir, args.recipe.resolve(), extra=args.override)),
+        "llamafactory": (str(args.cache_dir / "llamafactory/bin/python"), llamafactory_config(job, args.workdir)),
+        "axolotl": (str(args.cache_dir / "axolotl/bin/python"), axolotl_config(job, args.workdir)),
+        "trl": (sys.executable, trl_config(job, args.workdir)),
+        "qlora-kit-torch2.9": (
+            str(args.cache_dir / "qlora-kit-torch2.9/bin/python"),
+            qlora_kit_config(job, args.workdir, args.recipe.resolve(), "qlora-kit-torch2.9", args.override),
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
@@ -462,6 +526,24 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qlora-kit-peers")
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "out" / "peers")
     parser.add_argument("--install-only", action="store_true")
+    parser.add_argument(
+        "--override",
+        nargs="+",
+        default=(),
+        metavar="KEY=VALUE",
+        help="recipe overrides for qlora-kit's runs only (an A/B against the peers, e.g. lora.lora_dropout=0.1)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="one run of each tool under the torch profiler (steps 6-10); prints where each tool's step goes",
+    )
+    parser.add_argument(
+        "--vary-seed",
+        action="store_true",
+        help="train round r with the recipe's seed + r - 1 (every tool the same seed in a round), to compare held-out "
+        "loss across seeds rather than across reruns of one seed",
+    )
     parser.add_argument(
         "--heldout-only",
         action="store_true",
@@ -479,27 +561,31 @@ def main() -> None:
         rescore(args, job)
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
-    commands = {
-        "qlora-kit": (sys.executable, qlora_kit_config(job, args.workdir, args.recipe.resolve())),
-        "llamafactory": (str(args.cache_dir / "llamafactory/bin/python"), llamafactory_config(job, args.workdir)),
-        "axolotl": (str(args.cache_dir / "axolotl/bin/python"), axolotl_config(job, args.workdir)),
-        "trl": (sys.executable, trl_config(job, args.workdir)),
-    }
+    commands = tool_commands(job, args)
+    seed = job.seed
     broken = {tool: import_error(args.cache_dir, tool) for tool in args.tools if tool in PEERS}
     for tool, error in broken.items():
         if error:
             print(f"{tool} is installed but cannot run here, left out: {error}", flush=True)
     args.tools = [tool for tool in args.tools if not broken.get(tool)]
+    if args.profile:
+        profile_tools(args, commands)
+        return
     results: dict[str, list[dict]] = {tool: [] for tool in args.tools}
     for round_ in range(1, args.rounds + 1):
+        if args.vary_seed:  # round r trains with seed + r - 1: the held-out median is then over seeds, not reruns
+            job = replace(job, seed=seed + round_ - 1)
+            commands = tool_commands(job, args)
         for tool in args.tools:
             python, command = commands[tool]
             run = run_tool(tool, command, python, args.workdir, args.threads)
-            results[tool].append(run)
+            results[tool].append({**run, "seed": job.seed})
             print(f"round {round_} {tool}: " + json.dumps({k: round(v, 3) for k, v in run.items()}), flush=True)
         adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in args.tools}
-        for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn).items():
+        heldout = heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn)
+        for tool, loss in heldout.items():
             results[tool][-1]["heldout_loss"] = loss
+        print(f"round {round_} held-out loss (seed {job.seed}): " + json.dumps(heldout), flush=True)
     report = {"job": asdict(job), "threads": args.threads, "installs_s": installs, "results": results}
     report["left_out"] = {tool: error for tool, error in broken.items() if error}
     report["peer_versions"] = peer_versions(args.cache_dir)

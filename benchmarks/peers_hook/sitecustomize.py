@@ -49,6 +49,7 @@ def patch(trainer_module) -> None:
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            _profile_window(state.global_step)
             pending = record["pending"]
             losses = pending["loss"]
             loss = sum(losses) / len(losses) if losses else None
@@ -57,9 +58,12 @@ def patch(trainer_module) -> None:
             )
             record["pending"] = {"input": 0, "trained": 0, "loss": []}
 
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            record["model"] = _weights(model)
+
         def on_train_end(self, args, state, control, **kwargs):
             with open(OUT, "w") as handle:
-                json.dump({"steps": record["steps"], "threads": _threads()}, handle)
+                json.dump({"steps": record["steps"], "threads": _threads(), **record.get("model", {})}, handle)
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -67,6 +71,40 @@ def patch(trainer_module) -> None:
 
     trainer_module.Trainer.training_step = training_step
     trainer_module.Trainer.__init__ = init
+
+
+PROFILE = os.environ.get("QLORA_KIT_PEERS_PROFILE")
+PROFILED_STEPS = (5, 10)  # the torch profiler runs from the end of step 5 to the end of step 10: whole steps
+
+
+def _profile_window(step: int) -> None:
+    """With QLORA_KIT_PEERS_PROFILE set, profile whole optimizer steps (data, forward, backward, optimizer)."""
+    if not PROFILE:
+        return
+    import torch
+
+    first, last = PROFILED_STEPS
+    if step == first:
+        _profiler[0] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        _profiler[0].start()
+    elif step == last and _profiler:
+        _profiler[0].stop()
+        averages = _profiler[0].key_averages()
+        with open(PROFILE, "w") as handle:
+            handle.write(f"steps {first + 1}-{last}, {torch.get_num_threads()} thread(s)\n")
+            handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+
+
+_profiler: dict[int, object] = {}
+
+
+def _weights(model) -> dict:
+    """How the trained model stores its weights: a tool that silently trains unquantized must not pass for QLoRA."""
+    if model is None:
+        return {}
+    four_bit = sum(1 for p in model.parameters() if type(p).__name__ == "Params4bit")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"four_bit_weights": four_bit, "trainable_parameters": trainable}
 
 
 def _threads() -> int:
