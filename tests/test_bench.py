@@ -267,6 +267,24 @@ def test_bench_train_sides_run_and_count_every_preference_method(tmp_path, tiny_
         assert {k: result["tokens"][k] for k in counted} == counted, side
 
 
+def test_bench_train_preference_mistakes_are_one_error_line(tmp_path, tiny_model_dir, capsys):
+    from .test_preference import preference_recipe, write_recipe
+
+    pairs = sum_pairs(4)
+    kto_on_pairs = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "kto", pairs, pairs), "kto.yaml")
+    dpo = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", pairs, pairs), "dpo.yaml")
+    cases = {
+        (kto_on_pairs,): "error: data.train.0 (",
+        (dpo, f"model.adapter={tmp_path / 'missing'}"): "error: model.adapter: ",
+    }
+    for (recipe, *overrides), start in cases.items():
+        out = tmp_path / "bench"
+        assert main(["bench", "train", recipe, *overrides, "--output-dir", str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), lines
+        assert "Traceback" not in lines[0] and not (out / "bench.json").exists()
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir, arithmetic_rows):
     tmp = tmp_path_factory.mktemp("gen")

@@ -127,6 +127,8 @@ def test_unpaired_rows_for_kto(tmp_path, tiny_model_dir):
     assert built.train["label"] == [True, False] * 3
     with pytest.raises(UserError, match="train with method: kto, not dpo"):
         build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="dpo")
+    with pytest.raises(UserError, match=r"data.train.0 \(.*\): method kto trains on unpaired rows"):
+        build(tmp_path, tiny_model_dir, sum_pairs(3), method="kto")
 
 
 def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_model_dir):

@@ -143,10 +143,8 @@ def bench_train(
 
     show = progress or (lambda message: None)
     recipe = load_recipe(recipe_path, overrides)
-    if recipe.model.adapter is not None:
-        from qlora_kit.preference import adapter_folder
-
-        adapter_folder(recipe.model.adapter)  # a missing starting adapter is one error line, before any side starts
+    if recipe.method != "sft":
+        check_preference_inputs(recipe)
     built = materialize_architecture(recipe)
     if built is not None:
         overrides = [*overrides, f"model.name_or_path={built}"]
@@ -167,6 +165,18 @@ def bench_train(
     if baseline:
         report["ratios"] = ratios(report["sides"]["toolkit"], report["sides"]["baseline"])
     return report
+
+
+def check_preference_inputs(recipe) -> None:
+    """The starting adapter and every training row's format against the method, read before either side starts: a
+    mistake is one error line, not a child process's failure minutes later."""
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.data.sources import BadRows
+    from qlora_kit.preference import adapter_folder
+
+    if recipe.model.adapter is not None:
+        adapter_folder(recipe.model.adapter)
+    pref_data.collect(recipe, BadRows(recipe.data.max_bad_rows), pref_data.PreferenceStats())
 
 
 def _child(side: str, recipe_path: str, overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
