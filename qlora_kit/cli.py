@@ -109,10 +109,15 @@ def _add_plan_parser(commands) -> None:
 def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="measure training or generation speed and memory")
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
+    about = (
+        "steps/s, tokens/s, peak memory: qlora-kit beside a plain trl script, for SFT and for the preference "
+        "methods (dpo, orpo, kto, simpo: trl's DPO, ORPO, KTO or CPO trainer on the raw pairs)"
+    )
     train = kinds.add_parser(
         "train",
-        help="steps/s, tokens/s, peak memory: qlora-kit beside a plain trl script, for SFT and for the preference "
-        "methods (dpo, orpo, kto, simpo: trl's DPO, ORPO, KTO or CPO trainer on the raw pairs)",
+        help=about,
+        description=about + ". A preference step runs the policy on both answers of a pair (and the reference for "
+        "dpo and kto), so its tokens/s does not compare with SFT's; see docs/benchmarking.md.",
     )
     _add_recipe_args(train)
     train.add_argument("--warmup-steps", type=int, default=3, help="steps run before measuring (default 3)")

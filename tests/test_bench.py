@@ -237,6 +237,7 @@ def test_bench_train_dpo_counts_the_batches_both_sides_feed(tmp_path, tiny_model
     assert main(["bench", "train", path, "--warmup-steps", "1", "--steps", "2", "--output-dir", str(out)]) == 0
     report = json.loads((out / "bench.json").read_text())
     assert report["method"] == "dpo" and set(report["sides"]) == {"toolkit", "baseline"}
+    assert "not comparable with SFT" in report["tokens_note"]
     expected = fed_by_each_side(recipe, tmp_path)
     for name, side in report["sides"].items():
         assert side["method"] == "dpo" and side["measured_steps"] == 2 and side["tokens_per_second"] > 0

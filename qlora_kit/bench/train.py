@@ -22,6 +22,7 @@ from qlora_kit.bench.measure import (
     peak_memory,
     summarize,
 )
+from qlora_kit.bench.report import method_note
 from qlora_kit.bench.shapes import materialize_architecture
 from qlora_kit.errors import UserError
 from qlora_kit.rundir import versions
@@ -154,6 +155,7 @@ def bench_train(
         "overrides": overrides,
         "model": recipe.model.name_or_path,
         "method": recipe.method,
+        "tokens_note": method_note(recipe.method),  # what the token counts mean for a preference method (None: SFT)
         "machine": machine(),
         "versions": versions(),
         "sides": {},
