@@ -6,9 +6,11 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from qlora_kit import bench, plan
 from qlora_kit.cli import main
@@ -266,6 +268,30 @@ def test_bench_train_sides_run_and_count_every_preference_method(tmp_path, tiny_
         # KTO: PAIRS unpaired rows, each read with its completion and with a mismatched KL completion.
         counted = {**expected[side], "sequences": PAIRS * plan.SEQUENCES_PER_EXAMPLE[method]}
         assert {k: result["tokens"][k] for k in counted} == counted, side
+
+
+def test_bench_train_dpo_from_a_starting_adapter_keeps_it_frozen_as_the_reference(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from qlora_kit.bench import plain
+    from qlora_kit.model import attach_lora, load_base_model
+    from qlora_kit.tokenizer import load_tokenizer
+
+    from .test_preference import write_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    path, recipe = preference_bench_recipe(tmp_path, tiny_model_dir, "dpo")
+    attach_lora(load_base_model(recipe, load_tokenizer(recipe)), recipe).save_pretrained(tmp_path / "sft-adapter")
+    raw = yaml.safe_load(Path(path).read_text())
+    raw["model"]["adapter"] = str(tmp_path / "sft-adapter")
+    path = write_recipe(tmp_path, raw, "from-adapter.yaml")
+    # The plain trl side: the adapter loaded trainable with peft, and trl's own frozen copy of it as the reference.
+    trainer = plain.preference_trainer(load_recipe(path), {"max_steps": 1, "report_to": "none"}, tmp_path / "t")
+    assert trainer.ref_model is None and sorted(trainer.model.peft_config) == ["default", "ref"]
+    for side in ("toolkit", "baseline"):
+        bench.run_side(side, path, [], 0, 1, tmp_path / f"{side}.json")
+        result = json.loads((tmp_path / f"{side}.json").read_text())
+        assert result["tokens"]["sequences"] == PAIRS * 2 and result["tokens_per_second"] > 0, side
 
 
 def test_bench_train_preference_mistakes_are_one_error_line(tmp_path, tiny_model_dir, capsys):
