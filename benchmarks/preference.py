@@ -10,6 +10,10 @@ The SFT side trains on the chosen conversations (prompt + chosen) with the same 
 examples per step, so it runs as many sequences per step as DPO (a pair is a chosen and a rejected sequence): its
 peak memory is the SFT cost DPO's is compared with (DPO's extra is the reference pass, on the same weights).
 
+The plain trl side is ``qlora-kit bench train``'s baseline (qlora_kit.bench.plain). For steps/s, tokens/s and peak
+memory of any preference method (DPO, ORPO, KTO, SimPO) beside plain trl, use ``qlora-kit bench train RECIPE``; this
+script adds what bench leaves to evaluation: held-out reward accuracy, and DPO's memory against SFT's.
+
     python benchmarks/preference.py --steps 30        # from the repository root; prints a markdown table
 """
 
@@ -27,11 +31,11 @@ from pathlib import Path
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 
 
-def toolkit(args) -> dict:
-    from qlora_kit.preference import train
+def dpo_recipe(args):
+    """The DPO recipe both DPO sides run: qlora-kit trains it, qlora_kit.bench.plain hands it to trl by hand."""
     from qlora_kit.recipe import validate
 
-    recipe = validate(
+    return validate(
         {
             "method": "dpo",
             "model": {"name_or_path": args.model},
@@ -41,8 +45,13 @@ def toolkit(args) -> dict:
             "eval": {"batch_size": args.batch},
         }
     )
+
+
+def toolkit(args) -> dict:
+    from qlora_kit.preference import train
+
     with tempfile.TemporaryDirectory() as scratch:
-        metrics = train(recipe, Path(scratch) / "run").metrics
+        metrics = train(dpo_recipe(args), Path(scratch) / "run").metrics
     return {
         "steps_per_s": metrics["steps"] / metrics["train_runtime_s"],
         "reward_accuracy": metrics["preference_comparison"]["tuned"]["reward_accuracy"],
@@ -103,38 +112,14 @@ def common(args) -> dict:
 
 
 def baseline(args) -> dict:
-    """What a user writes with trl alone (its documented QLoRA + peft_config path)."""
-    import torch
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-    from trl import DPOConfig, DPOTrainer
+    """What a user writes with trl alone (its documented QLoRA + peft_config path): the baseline side of
+    ``qlora-kit bench train`` (qlora_kit.bench.plain), with the held-out pairs for trl's own evaluation."""
+    from qlora_kit.bench import plain
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    quant = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-    model = AutoModelForCausalLM.from_pretrained(args.model, quantization_config=quant, dtype=torch.float32)
-    data = load_dataset("json", data_files={"train": args.train, "eval": args.eval})
+    recipe = dpo_recipe(args)
     with tempfile.TemporaryDirectory() as scratch:
-        config = DPOConfig(
-            output_dir=scratch,
-            **common(args),
-            max_length=args.max_length,
-            use_cpu=not torch.cuda.is_available(),
-            gradient_checkpointing=False,
-            per_device_eval_batch_size=args.batch,
-        )
-        trainer = DPOTrainer(
-            model=model,
-            args=config,
-            train_dataset=data["train"],
-            eval_dataset=data["eval"],
-            processing_class=tokenizer,
-            peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA),
+        trainer = plain.preference_trainer(
+            recipe, {"per_device_eval_batch_size": args.batch}, Path(scratch), plain.preference_rows(recipe, "eval")
         )
         started = time.perf_counter()
         trainer.train()
@@ -190,6 +175,7 @@ def import_libraries() -> None:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
+    import qlora_kit.bench.plain  # noqa: F401
     import qlora_kit.preference  # noqa: F401
     import qlora_kit.train  # noqa: F401
 

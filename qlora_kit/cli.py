@@ -109,7 +109,16 @@ def _add_plan_parser(commands) -> None:
 def _add_bench_parser(commands) -> None:
     bench = commands.add_parser("bench", help="measure training or generation speed and memory")
     kinds = bench.add_subparsers(dest="bench_command", required=True, metavar="KIND")
-    train = kinds.add_parser("train", help="tokens/s, step time, peak memory: qlora-kit beside a plain trl script")
+    about = (
+        "steps/s, tokens/s, peak memory: qlora-kit beside a plain trl script, for SFT and for the preference "
+        "methods (dpo, orpo, kto, simpo: trl's DPO, ORPO, KTO or CPO trainer on the raw pairs)"
+    )
+    train = kinds.add_parser(
+        "train",
+        help=about,
+        description=about + ". A preference step runs the policy on both answers of a pair (and the reference for "
+        "dpo and kto), so its tokens/s does not compare with SFT's; see docs/benchmarking.md.",
+    )
     _add_recipe_args(train)
     train.add_argument("--warmup-steps", type=int, default=3, help="steps run before measuring (default 3)")
     train.add_argument("--steps", type=int, default=10, help="steps measured after warm-up (default 10)")

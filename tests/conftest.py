@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -68,6 +69,34 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def chat(user: str, assistant: str, system: str | None = None) -> dict:
     messages = [{"role": "system", "content": system}] if system else []
     return {"messages": messages + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+def sum_pairs(count: int, seed: int = 0, conversational: bool = True) -> list[dict]:
+    """Prefer the correct sum over a wrong one."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randrange(10), rng.randrange(10)
+        prompt, right, wrong = f"What is {a} plus {b}?", str(a + b), str(a + b + rng.choice([-2, -1, 1, 2]))
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": right}],
+                    "rejected": [{"role": "assistant", "content": wrong}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt + " ", "chosen": right, "rejected": wrong})
+    return rows
+
+
+def unpaired(rows: list[dict]) -> list[dict]:
+    out = []
+    for row in rows:
+        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return out
 
 
 @pytest.fixture(scope="session")

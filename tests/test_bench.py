@@ -6,9 +6,11 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from qlora_kit import bench, plan
 from qlora_kit.cli import main
@@ -16,7 +18,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.recipe import load_recipe
 from qlora_kit.train import train
 
-from .conftest import DEMO_MODEL, REPO, tiny_recipe
+from .conftest import DEMO_MODEL, REPO, sum_pairs, tiny_recipe, unpaired
 
 SIDE_KEYS = {
     "tokens_per_second",
@@ -43,7 +45,7 @@ def test_meter_counts_padded_padding_free_and_packed_row_batches():
         "labels": torch.tensor([[-100, 7, 7, 7, -100], [-100, 7, -100, -100, -100]]),
     }
     meter.count(padded, pad)
-    assert meter.pending == {"processed": 7, "loss": 4, "padded": 10}
+    assert meter.pending == {"processed": 7, "loss": 4, "padded": 10, "sequences": 2}
     # Padding-free: one flattened row, no attention mask, each sequence's first label already -100.
     flat = {
         "input_ids": torch.full((1, 6), 9),
@@ -51,7 +53,7 @@ def test_meter_counts_padded_padding_free_and_packed_row_batches():
         "labels": torch.tensor([[-100, 7, 7, -100, -100, 7]]),
     }
     meter.count(flat, pad)
-    assert meter.pending == {"processed": 13, "loss": 7, "padded": 16}
+    assert meter.pending == {"processed": 13, "loss": 7, "padded": 16, "sequences": 3}
     # Packed rows kept apart: the second row ends in two pad tokens, which are not real tokens.
     rows = {
         "input_ids": torch.tensor([[9, 9, 9, 9], [9, 9, pad, pad]]),
@@ -59,20 +61,52 @@ def test_meter_counts_padded_padding_free_and_packed_row_batches():
         "labels": torch.tensor([[-100, 7, -100, 7], [-100, 7, -100, -100]]),
     }
     meter.count(rows, pad)
-    assert meter.pending == {"processed": 19, "loss": 10, "padded": 24}
+    assert meter.pending == {"processed": 19, "loss": 10, "padded": 24, "sequences": 5}
+
+
+def test_preference_batches_are_counted_per_collator_layout():
+    # trl's DPO collator: chosen rows then rejected rows, right-padded; the completion mask marks the answers.
+    dpo = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5], [7, 8, 9, 0, 0], [1, 2, 3, 6, 0], [7, 8, 10, 11, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]]),
+        "completion_mask": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 1, 1, 0]]),
+    }
+    assert bench.batch_tokens(dpo, 0) == {"processed": 16, "loss": 6, "padded": 20, "sequences": 4}
+    # KTO: its mismatched KL completions are read by the policy too, but take no gradient.
+    kto = {
+        "input_ids": torch.tensor([[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "completion_mask": torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 0, 0]]),
+        "KL_input_ids": torch.tensor([[1, 2, 3, 9], [7, 8, 4, 5]]),
+        "KL_attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]]),
+        "KL_completion_mask": torch.tensor([[0, 0, 0, 1], [0, 0, 1, 1]]),
+        "label": torch.tensor([True, False]),
+    }
+    assert bench.batch_tokens(kto, 0) == {"processed": 16, "loss": 3, "padded": 18, "sequences": 4}
+    # ORPO / CPO: chosen and rejected side by side, concatenated to the longer of the two widths.
+    orpo = {
+        "prompt_input_ids": torch.tensor([[1, 2, 3], [0, 7, 8]]),
+        "chosen_input_ids": torch.tensor([[1, 2, 3, 4, 5], [7, 8, 9, 0, 0]]),
+        "chosen_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+        "chosen_labels": torch.tensor([[-100, -100, -100, 4, 5], [-100, -100, 9, -100, -100]]),
+        "rejected_input_ids": torch.tensor([[1, 2, 3, 6], [7, 8, 10, 11]]),
+        "rejected_attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]]),
+        "rejected_labels": torch.tensor([[-100, -100, -100, 6], [-100, -100, 10, 11]]),
+    }
+    assert bench.batch_tokens(orpo, 0) == {"processed": 16, "loss": 6, "padded": 20, "sequences": 4}
 
 
 def test_summary_skips_warmup_steps():
     meter = bench.Meter(started=0.0)
     meter.steps = [
-        {"seconds": 9.0, "since_start": 12.0, "processed": 10, "loss": 5, "padded": 20},
-        {"seconds": 1.0, "since_start": 13.0, "processed": 100, "loss": 50, "padded": 100},
-        {"seconds": 3.0, "since_start": 16.0, "processed": 300, "loss": 10, "padded": 400},
+        {"seconds": 9.0, "since_start": 12.0, "processed": 10, "loss": 5, "padded": 20, "sequences": 2},
+        {"seconds": 1.0, "since_start": 13.0, "processed": 100, "loss": 50, "padded": 100, "sequences": 2},
+        {"seconds": 3.0, "since_start": 16.0, "processed": 300, "loss": 10, "padded": 400, "sequences": 2},
     ]
     summary = bench.summarize(meter, warmup=1)
     assert summary["tokens_per_second"] == 100.0 and summary["loss_tokens_per_second"] == 15.0
     assert summary["padding_efficiency"] == 0.8 and summary["time_to_first_step_s"] == 12.0
-    assert summary["step_time_mean_s"] == 2.0
+    assert summary["step_time_mean_s"] == 2.0 and summary["steps_per_second"] == 0.5
     with pytest.raises(UserError, match="--warmup-steps"):
         bench.summarize(meter, warmup=3)
 
@@ -153,6 +187,129 @@ def test_bench_train_cli_reports_both_sides(tmp_path, tiny_model_dir, arithmetic
     assert "tokens/s (processed)" in result.stdout
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "already exists" in again.stderr
+
+
+PAIRS = 4  # one batch holds every training row, so each step reads all of them whatever the order
+
+
+def preference_bench_recipe(tmp_path, model_dir, method: str) -> tuple[str, object]:
+    from .test_preference import preference_recipe, write_recipe
+
+    pairs = sum_pairs(PAIRS if method != "kto" else PAIRS // 2)
+    pairs[0]["prompt"][0]["content"] += " Answer with the number alone."  # sequences of several lengths: padding
+    pairs[1]["chosen"][0]["content"] += " is the sum."
+    rows = unpaired(pairs) if method == "kto" else pairs
+    raw = preference_recipe(tmp_path, model_dir, method, rows, rows[:2], per_device_train_batch_size=PAIRS)
+    path = write_recipe(tmp_path, raw)
+    return path, load_recipe(path)
+
+
+def fed_counts(dataset) -> dict[str, int]:
+    """Per step, when one batch holds every row: the non-pad tokens of every sequence the policy reads and the
+    completion tokens, from the rows a trainer is given (qlora-kit's tokenized pairs, or trl's own tokenization)."""
+    if "chosen_input_ids" in dataset.column_names:  # ORPO / CPO: whole sequences, prompt positions labelled -100
+        sides = ("chosen", "rejected")
+        return {
+            "processed": sum(len(ids) for side in sides for ids in dataset[f"{side}_input_ids"]),
+            "loss": sum(sum(t != -100 for t in labels[1:]) for side in sides for labels in dataset[f"{side}_labels"]),
+        }
+    prompts = sum(len(ids) for ids in dataset["prompt_ids"])
+    if "completion_ids" in dataset.column_names:  # KTO: the KL completions rotate the batch's own completions
+        completions = sum(len(ids) for ids in dataset["completion_ids"])
+        return {"processed": 2 * (prompts + completions), "loss": completions}
+    completions = sum(len(ids) for side in ("chosen_ids", "rejected_ids") for ids in dataset[side])
+    return {"processed": 2 * prompts + completions, "loss": completions}
+
+
+def fed_by_each_side(recipe, tmp_path) -> dict[str, dict[str, int]]:
+    """The toolkit side's tokenized rows, and what trl's own trainer tokenized from the raw rows (the baseline's)."""
+    from qlora_kit.bench import plain
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.tokenizer import load_tokenizer
+
+    toolkit = pref_data.build(recipe, load_tokenizer(recipe)).train
+    baseline = plain.preference_trainer(recipe, {"max_steps": 1, "report_to": "none"}, tmp_path / "t").train_dataset
+    return {"toolkit": fed_counts(toolkit), "baseline": fed_counts(baseline)}
+
+
+def test_bench_train_dpo_counts_the_batches_both_sides_feed(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    path, recipe = preference_bench_recipe(tmp_path, tiny_model_dir, "dpo")
+    out = tmp_path / "bench"
+    assert main(["bench", "train", path, "--warmup-steps", "1", "--steps", "2", "--output-dir", str(out)]) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["method"] == "dpo" and set(report["sides"]) == {"toolkit", "baseline"}
+    assert "not comparable with SFT" in report["tokens_note"]
+    expected = fed_by_each_side(recipe, tmp_path)
+    for name, side in report["sides"].items():
+        assert side["method"] == "dpo" and side["measured_steps"] == 2 and side["tokens_per_second"] > 0
+        assert side["loss_tokens_per_second"] > 0 and side["final_loss"] > 0 and side["mfu"] is None
+        per_step = {key: side["tokens"][key] / 2 for key in ("processed", "loss", "sequences")}
+        assert per_step == {**expected[name], "sequences": PAIRS * plan.SEQUENCES_PER_EXAMPLE["dpo"]}, name
+        assert side["tokens"]["padded"] > side["tokens"]["processed"]  # sequences of several lengths are padded
+    assert report["ratios"]["steps_per_second"] == pytest.approx(
+        report["sides"]["toolkit"]["steps_per_second"] / report["sides"]["baseline"]["steps_per_second"]
+    )
+    markdown = (out / "bench.md").read_text()
+    assert "(method dpo)" in markdown and "| input tokens/s (policy, no padding) |" in markdown
+    assert "not comparable with SFT" in markdown and "| final train loss |" in markdown
+
+
+@pytest.mark.parametrize("method", ["orpo", "kto", "simpo"])
+def test_bench_train_sides_run_and_count_every_preference_method(tmp_path, tiny_model_dir, monkeypatch, method):
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    path, recipe = preference_bench_recipe(tmp_path, tiny_model_dir, method)
+    expected = fed_by_each_side(recipe, tmp_path)
+    for side in ("toolkit", "baseline"):
+        out = tmp_path / f"{side}.json"
+        bench.run_side(side, path, [], 0, 1, out)
+        result = json.loads(out.read_text())
+        assert result["method"] == method and result["tokens_per_second"] > 0 and result["final_loss"] is not None
+        # KTO: PAIRS unpaired rows, each read with its completion and with a mismatched KL completion.
+        counted = {**expected[side], "sequences": PAIRS * plan.SEQUENCES_PER_EXAMPLE[method]}
+        assert {k: result["tokens"][k] for k in counted} == counted, side
+
+
+def test_bench_train_dpo_from_a_starting_adapter_keeps_it_frozen_as_the_reference(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    from qlora_kit.bench import plain
+    from qlora_kit.model import attach_lora, load_base_model
+    from qlora_kit.tokenizer import load_tokenizer
+
+    from .test_preference import write_recipe
+
+    monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
+    path, recipe = preference_bench_recipe(tmp_path, tiny_model_dir, "dpo")
+    attach_lora(load_base_model(recipe, load_tokenizer(recipe)), recipe).save_pretrained(tmp_path / "sft-adapter")
+    raw = yaml.safe_load(Path(path).read_text())
+    raw["model"]["adapter"] = str(tmp_path / "sft-adapter")
+    path = write_recipe(tmp_path, raw, "from-adapter.yaml")
+    # The plain trl side: the adapter loaded trainable with peft, and trl's own frozen copy of it as the reference.
+    trainer = plain.preference_trainer(load_recipe(path), {"max_steps": 1, "report_to": "none"}, tmp_path / "t")
+    assert trainer.ref_model is None and sorted(trainer.model.peft_config) == ["default", "ref"]
+    for side in ("toolkit", "baseline"):
+        bench.run_side(side, path, [], 0, 1, tmp_path / f"{side}.json")
+        result = json.loads((tmp_path / f"{side}.json").read_text())
+        assert result["tokens"]["sequences"] == PAIRS * 2 and result["tokens_per_second"] > 0, side
+
+
+def test_bench_train_preference_mistakes_are_one_error_line(tmp_path, tiny_model_dir, capsys):
+    from .test_preference import preference_recipe, write_recipe
+
+    pairs = sum_pairs(4)
+    kto_on_pairs = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "kto", pairs, pairs), "kto.yaml")
+    dpo = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", pairs, pairs), "dpo.yaml")
+    cases = {
+        (kto_on_pairs,): "error: data.train.0 (",
+        (dpo, f"model.adapter={tmp_path / 'missing'}"): "error: model.adapter: ",
+    }
+    for (recipe, *overrides), start in cases.items():
+        out = tmp_path / "bench"
+        assert main(["bench", "train", recipe, *overrides, "--output-dir", str(out)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), lines
+        assert "Traceback" not in lines[0] and not (out / "bench.json").exists()
 
 
 @pytest.fixture(scope="module")

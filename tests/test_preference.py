@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,40 +16,12 @@ from qlora_kit.data import preference
 from qlora_kit.errors import UserError
 from qlora_kit.recipe import load_recipe, validate
 
-from .conftest import REPO, write_jsonl
+from .conftest import REPO, sum_pairs, unpaired, write_jsonl
 
 
 @pytest.fixture(autouse=True)
 def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
-
-
-def sum_pairs(count: int, seed: int = 0, conversational: bool = True) -> list[dict]:
-    """Prefer the correct sum over a wrong one."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randrange(10), rng.randrange(10)
-        prompt, right, wrong = f"What is {a} plus {b}?", str(a + b), str(a + b + rng.choice([-2, -1, 1, 2]))
-        if conversational:
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "chosen": [{"role": "assistant", "content": right}],
-                    "rejected": [{"role": "assistant", "content": wrong}],
-                }
-            )
-        else:
-            rows.append({"prompt": prompt + " ", "chosen": right, "rejected": wrong})
-    return rows
-
-
-def unpaired(rows: list[dict]) -> list[dict]:
-    out = []
-    for row in rows:
-        out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
-        out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
-    return out
 
 
 def preference_recipe(tmp_path, model_dir, method: str, rows: list[dict], held: list[dict], **training) -> dict:
@@ -156,6 +127,8 @@ def test_unpaired_rows_for_kto(tmp_path, tiny_model_dir):
     assert built.train["label"] == [True, False] * 3
     with pytest.raises(UserError, match="train with method: kto, not dpo"):
         build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="dpo")
+    with pytest.raises(UserError, match=r"data.train.0 \(.*\): method kto trains on unpaired rows"):
+        build(tmp_path, tiny_model_dir, sum_pairs(3), method="kto")
 
 
 def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_model_dir):

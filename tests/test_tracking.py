@@ -186,7 +186,8 @@ def test_resumed_run_continues_its_trackio_run(trackio_run, tmp_path, tiny_model
 
 
 def test_a_preference_run_logs_to_mlflow_and_trackio_like_sft(tmp_path, tiny_model_dir):
-    from .test_preference import preference_recipe, sum_pairs, write_recipe
+    from .conftest import sum_pairs
+    from .test_preference import preference_recipe, write_recipe
 
     raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", sum_pairs(16), sum_pairs(8, seed=1), max_steps=STEPS)
     raw["training"]["report_to"] = ["mlflow", "trackio"]

@@ -25,19 +25,21 @@ PEAK_BF16_FLOPS = {
 }
 
 
+COUNTS = ("processed", "loss", "padded", "sequences")
+
+
 class Meter:
     """Per-step wall time and token counts, recorded from the batches the loss is computed on."""
 
     def __init__(self, started: float) -> None:
         self.started = started
         self.steps: list[dict[str, float]] = []
-        self.pending = {"processed": 0, "loss": 0, "padded": 0}
+        self.pending = dict.fromkeys(COUNTS, 0)
         self.last = started
 
     def count(self, inputs: dict[str, Any], pad_token_id: int | None) -> None:
-        self.pending["padded"] += inputs["input_ids"].numel()
-        self.pending["processed"] += real_token_count(inputs, pad_token_id)
-        self.pending["loss"] += int((inputs["labels"][..., 1:] != -100).sum())
+        for key, value in batch_tokens(inputs, pad_token_id).items():
+            self.pending[key] += value
 
     def callback(self):
         from transformers import TrainerCallback
@@ -53,7 +55,7 @@ class Meter:
                 sync()
                 now = time.perf_counter()
                 meter.steps.append({"seconds": now - meter.last, "since_start": now - meter.started, **meter.pending})
-                meter.pending = {"processed": 0, "loss": 0, "padded": 0}
+                meter.pending = dict.fromkeys(COUNTS, 0)
                 meter.last = now
 
         return StepTimes()
@@ -72,6 +74,40 @@ class Meter:
         trainer.add_callback(self.callback())
 
 
+def batch_tokens(inputs: dict[str, Any], pad_token_id: int | None) -> dict[str, int]:
+    """One batch's counts, by the layout of the collator that built it (module docstring of qlora_kit.bench):
+
+    - SFT (``input_ids``, ``labels``): real tokens, labelled tokens after the shift, positions, rows;
+    - DPO and KTO (trl's ``input_ids`` + ``completion_mask``; KTO adds ``KL_input_ids``, the mismatched completions
+      its KL estimate runs the policy on): real tokens of every sequence, completion tokens, positions, sequences;
+    - ORPO and SimPO (``chosen_input_ids`` / ``rejected_input_ids``, concatenated into one batch padded to the longer
+      of the two): the same counts for the chosen and the rejected sequences.
+    """
+    if "chosen_input_ids" in inputs:
+        sides = [inputs[f"{side}_input_ids"] for side in ("chosen", "rejected")]
+        width = max(ids.shape[1] for ids in sides)
+        return {
+            "processed": sum(int(inputs[f"{side}_attention_mask"].sum()) for side in ("chosen", "rejected")),
+            "loss": sum(int((inputs[f"{side}_labels"][..., 1:] != -100).sum()) for side in ("chosen", "rejected")),
+            "padded": sum(ids.shape[0] * width for ids in sides),
+            "sequences": sum(ids.shape[0] for ids in sides),
+        }
+    if "completion_mask" in inputs:
+        prefixes = ("", "KL_") if "KL_input_ids" in inputs else ("",)
+        return {
+            "processed": sum(int(inputs[f"{p}attention_mask"].sum()) for p in prefixes),
+            "loss": int(inputs["completion_mask"][..., 1:].sum()),  # KTO's KL completions take no gradient
+            "padded": sum(inputs[f"{p}input_ids"].numel() for p in prefixes),
+            "sequences": sum(inputs[f"{p}input_ids"].shape[0] for p in prefixes),
+        }
+    return {
+        "processed": real_token_count(inputs, pad_token_id),
+        "loss": int((inputs["labels"][..., 1:] != -100).sum()),
+        "padded": inputs["input_ids"].numel(),
+        "sequences": inputs["input_ids"].shape[0],
+    }
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -83,12 +119,13 @@ def summarize(meter: Meter, warmup: int) -> dict[str, Any]:
     if not measured:
         raise UserError(f"--warmup-steps {warmup} leaves no step to measure: raise --steps")
     seconds = sum(s["seconds"] for s in measured)
-    totals = {k: sum(s[k] for s in measured) for k in ("processed", "loss", "padded")}
+    totals = {k: sum(s[k] for s in measured) for k in COUNTS}
     durations = sorted(s["seconds"] for s in measured)
     return {
         "measured_steps": len(measured),
         "warmup_steps": warmup,
         "seconds": seconds,
+        "steps_per_second": len(measured) / seconds,
         "step_time_mean_s": seconds / len(measured),
         "step_time_median_s": durations[len(durations) // 2],
         "tokens_per_second": totals["processed"] / seconds,

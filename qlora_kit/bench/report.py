@@ -17,6 +17,42 @@ def _num(value: float | None, fmt: str = "{:,.1f}") -> str:
     return "–" if value is None else fmt.format(value)
 
 
+# (label, key in a side's report, format, key in the ratios) for the rows every method shares.
+TOKEN_ROWS = {
+    "sft": (
+        ("tokens/s (processed)", "tokens_per_second", "{:,.1f}", "tokens_per_second"),
+        ("tokens/s (in the loss)", "loss_tokens_per_second", "{:,.1f}", "loss_tokens_per_second"),
+        ("tokens/s (padded positions)", "padded_tokens_per_second", "{:,.1f}", None),
+    ),
+    "preference": (
+        ("input tokens/s (policy, no padding)", "tokens_per_second", "{:,.1f}", "tokens_per_second"),
+        ("trained tokens/s (completions)", "loss_tokens_per_second", "{:,.1f}", "loss_tokens_per_second"),
+        ("positions/s (padding included)", "padded_tokens_per_second", "{:,.1f}", None),
+    ),
+}
+
+
+def method_of(report: dict[str, Any]) -> str:
+    return report.get("method", "sft")
+
+
+def method_note(method: str) -> str | None:
+    """What a preference report's token counts mean (None for SFT)."""
+    if method == "sft":
+        return None
+    sequences = (
+        "each row's completion and a mismatched KL completion"
+        if method == "kto"
+        else "the chosen and the rejected answer of every pair"
+    )
+    reference = ", and the reference on the same tokens without gradients" if method in ("dpo", "kto") else ""
+    return (
+        f"{method}: a step runs the policy on {sequences}{reference}, so its tokens/s is not comparable with SFT's. "
+        "Input tokens: the non-pad tokens of every sequence the policy reads (prompt + answer, the prompt counted in "
+        "each sequence); trained tokens: the completion tokens whose log-probabilities the loss compares."
+    )
+
+
 def train_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     """(metric, toolkit, baseline, ratio) rows for the terminal and the Markdown table."""
     sides = report["sides"]
@@ -24,11 +60,11 @@ def train_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
     ratio = report.get("ratios", {})
     memory_keys = [k for k in sides["toolkit"]["memory"]]
     rows = [
-        ("tokens/s (processed)", "tokens_per_second", "{:,.1f}", "tokens_per_second"),
-        ("tokens/s (in the loss)", "loss_tokens_per_second", "{:,.1f}", "loss_tokens_per_second"),
-        ("tokens/s (padded positions)", "padded_tokens_per_second", "{:,.1f}", None),
+        ("steps/s", "steps_per_second", "{:.3f}", "steps_per_second"),
+        *TOKEN_ROWS["sft" if method_of(report) == "sft" else "preference"],
         ("step time, mean (s)", "step_time_mean_s", "{:.3f}", "step_time"),
         ("time to first step (s)", "time_to_first_step_s", "{:.1f}", "time_to_first_step"),
+        ("final train loss", "final_loss", "{:.4f}", None),
         ("padding efficiency", "padding_efficiency", "{:.1%}", None),
         ("packing fill", "packing_fill", "{:.1%}", None),
         ("MFU (6N)", "mfu", "{:.1%}", None),
@@ -64,12 +100,15 @@ def train_rows(report: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def train_markdown(report: dict[str, Any]) -> str:
     header = ["metric", *[s for s in SIDES if s in report["sides"]], *(["ratio"] if "ratios" in report else [])]
+    method = method_of(report)
+    note = method_note(method)
     lines = [
-        f"# bench train: {report['recipe']}",
+        f"# bench train: {report['recipe']} (method {method})",
         "",
         f"machine: {_machine_line(report['machine'])}; "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         "",
+        *([note, ""] if note else []),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qlora_kit import tokenizer as tokenizer_rules
 from qlora_kit.bench.measure import (
     SIDES,
@@ -24,18 +22,21 @@ from qlora_kit.bench.measure import (
     peak_memory,
     summarize,
 )
+from qlora_kit.bench.report import method_note
 from qlora_kit.bench.shapes import materialize_architecture
+from qlora_kit.errors import UserError
 from qlora_kit.rundir import versions
 
 
 def _bench_training(recipe, warmup: int, steps: int) -> dict[str, Any]:
-    """Training fields both sides share: measured steps only, no checkpoints, no logs, no evaluation."""
+    """Training fields both sides share: measured steps only, no checkpoints, no evaluation; every step's loss logged
+    (the report's final loss is the last step's own)."""
     return {
         **recipe.training,
         "max_steps": warmup + steps,
         "save_strategy": "no",
         "report_to": "none",
-        "logging_steps": warmup + steps,
+        "logging_steps": 1,
         "disable_tqdm": True,
         "eval_strategy": "no",
     }
@@ -47,72 +48,45 @@ def run_toolkit(recipe, warmup: int, steps: int, workdir: Path, started: float) 
     from qlora_kit import model as model_stage
     from qlora_kit.train import make_trainer
 
+    if recipe.method != "sft":
+        return run_toolkit_preference(recipe, warmup, steps, workdir, started)
     recipe.training = {"packing": True, **_bench_training(recipe, warmup, steps)}
     tokenizer = tokenizer_rules.load_tokenizer(recipe)
     prepared = dataclasses.replace(data_stage.build_datasets(recipe, tokenizer), eval=None)
     model = model_stage.attach_lora(model_stage.load_base_model(recipe, tokenizer), recipe)
     trainer = make_trainer(recipe, model, tokenizer, prepared, workdir)
-    return _train_and_measure(trainer, model, warmup, started, packing_fill(trainer.train_dataset, recipe))
+    return _train_and_measure(trainer, model, recipe, warmup, started, packing_fill(trainer.train_dataset, recipe))
+
+
+def run_toolkit_preference(recipe, warmup: int, steps: int, workdir: Path, started: float) -> dict[str, Any]:
+    """qlora-kit's preference path as ``qlora-kit train`` runs it: its tokenized pairs, the policy model (fresh LoRA or
+    ``model.adapter``), trl's trainer for the method with the reference inside the one model."""
+    from qlora_kit import preference
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.resolve import resolve
+
+    recipe.training = _bench_training(recipe, warmup, steps)
+    resolved = resolve(recipe)
+    tokenizer = tokenizer_rules.load_tokenizer(recipe)
+    tokenizer_rules.check_pad_token(tokenizer)
+    data = dataclasses.replace(pref_data.build(recipe, tokenizer), eval=None)
+    config = preference.preference_config(recipe, workdir, False, resolved)
+    model = preference.policy_model(recipe, tokenizer, resolved)
+    trainer = preference.make_trainer(recipe, model, tokenizer, data, config, resolved)
+    return _train_and_measure(trainer, model, recipe, warmup, started, None)
 
 
 def run_baseline(recipe, warmup: int, steps: int, workdir: Path, started: float) -> dict[str, Any]:
-    """What a user writes by hand: a 4-bit model, a peft LoraConfig, raw rows to SFTTrainer, trl's own defaults."""
-    import datasets
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    """What a user writes by hand (bench.plain): a 4-bit model, a peft LoraConfig, raw rows to trl's trainer for the
+    method, trl's own defaults; the same batch, optimizer, schedule and checkpointing as the toolkit side."""
+    from qlora_kit.bench import plain
 
-    from qlora_kit import model as model_stage
-    from qlora_kit.recipe import training_args
-    from qlora_kit.resolve import resolve
-
-    resolved = resolve(recipe)
-
-    tokenizer = AutoTokenizer.from_pretrained(recipe.model.tokenizer_name_or_path or recipe.model.name_or_path)
-    if tokenizer.chat_template is None:
-        tokenizer_rules.set_chat_template(tokenizer, recipe.model.chat_template)
-    model = AutoModelForCausalLM.from_pretrained(
-        recipe.model.name_or_path,
-        quantization_config=model_stage.quantization_config(recipe, resolved),
-        dtype=resolved.compute_dtype,
-        device_map=resolved.device_map,
-    )
-    lora = recipe.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    # The same batch, optimizer, schedule and checkpointing as the toolkit side; trl's defaults for everything else.
-    shared = {**training_args(recipe), **_bench_training(recipe, warmup, steps)}
-    args = {k: v for k, v in shared.items() if k not in ("packing", "padding_free", "gradient_checkpointing_kwargs")}
-    dtype = resolved.compute_dtype
-    config = SFTConfig(
-        output_dir=str(workdir),
-        max_length=recipe.data.max_length,
-        bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16,
-        **{k: v for k, v in args.items() if k not in ("bf16", "fp16")},
-    )
-    rows = datasets.Dataset.from_list(raw_rows(recipe))
-    trainer = SFTTrainer(
-        model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
-    )
-    return _train_and_measure(trainer, trainer.model, warmup, started, None)
-
-
-def raw_rows(recipe) -> list[dict[str, Any]]:
-    """The training rows as the files hold them, with only the columns of their format (trl does the rest)."""
-    from qlora_kit import data as data_stage
-
-    columns = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"), "text": ("text",)}
-    rows = []
-    for index, source in enumerate(recipe.data.train):
-        for row in data_stage.read_formatted(source, f"data.train.{index}"):
-            rows.append({c: row.data[c] for c in columns[row.fmt]})
-    return rows
+    training = _bench_training(recipe, warmup, steps)
+    if recipe.method == "sft":
+        trainer = plain.sft_trainer(recipe, training, workdir)
+    else:
+        trainer = plain.preference_trainer(recipe, training, workdir)
+    return _train_and_measure(trainer, trainer.model, recipe, warmup, started, None)
 
 
 def packing_fill(dataset, recipe) -> float | None:
@@ -123,17 +97,21 @@ def packing_fill(dataset, recipe) -> float | None:
     return sum(lengths) / (len(lengths) * recipe.data.max_length)
 
 
-def _train_and_measure(trainer, model, warmup: int, started: float, fill: float | None) -> dict[str, Any]:
+def _train_and_measure(trainer, model, recipe, warmup: int, started: float, fill: float | None) -> dict[str, Any]:
     meter = Meter(started)
     meter.attach(trainer)
     trainer.train()
     result = summarize(meter, warmup)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result["final_loss"] = losses[-1] if losses else None
+    result["method"] = recipe.method
     result["packing_fill"] = fill
     result["memory"] = peak_memory()
     result["quantized_weight_bytes"] = measured_quantized_bytes(model)
     params = matmul_params(model)
     result["matmul_params"] = params
-    result["mfu"] = mfu(result["tokens_per_second"], params)
+    # 6N per token holds for an SFT step; a preference step adds reference and KL passes without gradients.
+    result["mfu"] = mfu(result["tokens_per_second"], params) if recipe.method == "sft" else None
     result["attn_implementation"] = getattr(getattr(model, "config", None), "_attn_implementation", None)
     return result
 
@@ -161,17 +139,13 @@ def bench_train(
     recipe_path: str, overrides: list[str], warmup: int, steps: int, baseline: bool, progress=None
 ) -> dict[str, Any]:
     """Run the toolkit side (and the plain trl baseline) in child processes; return the combined report."""
-    from qlora_kit.errors import UserError
     from qlora_kit.plan import plan_recipe
     from qlora_kit.recipe import load_recipe
 
     show = progress or (lambda message: None)
     recipe = load_recipe(recipe_path, overrides)
     if recipe.method != "sft":
-        raise UserError(
-            f"method: bench train measures SFT steps, not {recipe.method}: run python benchmarks/preference.py for "
-            "qlora-kit DPO beside plain trl, or bench this recipe with method=sft"
-        )
+        check_preference_inputs(recipe)
     built = materialize_architecture(recipe)
     if built is not None:
         overrides = [*overrides, f"model.name_or_path={built}"]
@@ -180,6 +154,8 @@ def bench_train(
         "recipe": str(recipe_path),
         "overrides": overrides,
         "model": recipe.model.name_or_path,
+        "method": recipe.method,
+        "tokens_note": method_note(recipe.method),  # what the token counts mean for a preference method (None: SFT)
         "machine": machine(),
         "versions": versions(),
         "sides": {},
@@ -191,6 +167,18 @@ def bench_train(
     if baseline:
         report["ratios"] = ratios(report["sides"]["toolkit"], report["sides"]["baseline"])
     return report
+
+
+def check_preference_inputs(recipe) -> None:
+    """The starting adapter and every training row's format against the method, read before either side starts: a
+    mistake is one error line, not a child process's failure minutes later."""
+    from qlora_kit.data import preference as pref_data
+    from qlora_kit.data.sources import BadRows
+    from qlora_kit.preference import adapter_folder
+
+    if recipe.model.adapter is not None:
+        adapter_folder(recipe.model.adapter)
+    pref_data.collect(recipe, BadRows(recipe.data.max_bad_rows), pref_data.PreferenceStats())
 
 
 def _child(side: str, recipe_path: str, overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
@@ -214,6 +202,9 @@ def _child(side: str, recipe_path: str, overrides: list[str], warmup: int, steps
             str(steps),
         ]
         result = subprocess.run(command, capture_output=True, text=True)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        if result.returncode == 2 and errors:
+            raise UserError(f"{side} side: {errors[-1].removeprefix('error: ')}")
         if result.returncode != 0 or not out.is_file():
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise RuntimeError(f"bench train --side {side} failed (exit {result.returncode}):\n{tail}")
@@ -228,6 +219,7 @@ def ratios(toolkit: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float
 
     memory_key = "cuda_peak_allocated_bytes" if "cuda_peak_allocated_bytes" in toolkit["memory"] else "peak_rss_bytes"
     return {
+        "steps_per_second": ratio(toolkit["steps_per_second"], baseline["steps_per_second"]),
         "tokens_per_second": ratio(toolkit["tokens_per_second"], baseline["tokens_per_second"]),
         "loss_tokens_per_second": ratio(toolkit["loss_tokens_per_second"], baseline["loss_tokens_per_second"]),
         "step_time": ratio(toolkit["step_time_mean_s"], baseline["step_time_mean_s"]),

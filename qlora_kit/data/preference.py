@@ -286,6 +286,11 @@ class PreferenceData:
 def read_rows(source: DataSource, label: str, recipe: Recipe, bad: BadRows, stats: PreferenceStats) -> list[Row]:
     rows = read_source(source, bad)
     fmt = detect(rows, source.format, f"{label} ({source.path})", source.columns, recipe.method)
+    if fmt == "preference" and recipe.method == "kto" and label != "data.eval":  # held-out pairs score KTO's rewards
+        raise UserError(
+            f"{label} ({source.path}): method kto trains on unpaired rows (prompt, completion, label true/false), not "
+            "pairs: give those, or train these pairs with method: dpo, orpo or simpo"
+        )
     stats.formats[source.path] = fmt
     out = []
     for row in rows:
