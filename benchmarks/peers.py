@@ -538,6 +538,7 @@ def main() -> None:
         action="store_true",
         help="one run of each tool under the torch profiler (steps 6-10); prints where each tool's step goes",
     )
+    parser.add_argument("--seed", type=int, help="the job's seed (default: the recipe's); with --vary-seed, the first")
     parser.add_argument(
         "--vary-seed",
         action="store_true",
@@ -557,6 +558,8 @@ def main() -> None:
     if args.install_only:
         return
     job = job_from_recipe(args.recipe, args.steps, args.packing, args.end_of_turn)
+    if args.seed is not None:
+        job = replace(job, seed=args.seed)
     if args.heldout_only:
         rescore(args, job)
         return
