@@ -298,10 +298,11 @@ def test_bench_train_preference_mistakes_are_one_error_line(tmp_path, tiny_model
     from .test_preference import preference_recipe, write_recipe
 
     pairs = sum_pairs(4)
-    kto_on_pairs = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "kto", pairs, pairs), "kto.yaml")
+    dpo_on_rows = preference_recipe(tmp_path, tiny_model_dir, "dpo", unpaired(pairs), pairs)
+    dpo_on_rows = write_recipe(tmp_path, dpo_on_rows, "dpo-on-rows.yaml")
     dpo = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", pairs, pairs), "dpo.yaml")
     cases = {
-        (kto_on_pairs,): "error: data.train.0 (",
+        (dpo_on_rows,): "error: data.train.0 (",
         (dpo, f"model.adapter={tmp_path / 'missing'}"): "error: model.adapter: ",
     }
     for (recipe, *overrides), start in cases.items():
