@@ -166,6 +166,12 @@ def test_kto_unpairs_pairs_into_the_rows_trl_makes(tmp_path, tiny_model_dir):
     # With eval_split, a pair is held out whole and stays a pair.
     split, _ = build(tmp_path, tiny_model_dir, sum_pairs(8), method="kto", eval=None, eval_split=0.25)
     assert len(split.train) == 2 * 6 and len(split.eval_rows) == 2 and split.eval_rows[0].fmt == "preference"
+    # Held out beside a source of unpaired rows, the held-out pairs are unpaired too: one dataset holds them all.
+    native_file = write_jsonl(tmp_path / "native.jsonl", unpaired(sum_pairs(4, seed=7)))
+    mixed, _ = build(tmp_path, tiny_model_dir, sum_pairs(8), method="kto", eval=None, eval_split=0.25,
+                     train=[{"path": str(tmp_path / "kto-train.jsonl")}, {"path": str(native_file)}])  # fmt: skip
+    assert {row.fmt for row in mixed.eval_rows} == {"unpaired"} and len(mixed.eval_rows) == 2 * 2 + 2
+    assert len(mixed.train) == 2 * 6 + 6 and mixed.eval.column_names == ["prompt_ids", "completion_ids", "label"]
 
 
 def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_model_dir):
