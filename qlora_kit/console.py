@@ -32,11 +32,14 @@ class TrainProgress:
         )
 
     def on_preference_data(self, stats: dict[str, Any]) -> None:
+        from qlora_kit.data.preference import unpaired_note
+
         formats = ", ".join(f"{k}: {v}" for k, v in stats["formats"].items())
         self.console.print(
             f"data: {stats['rows']} training and {stats['eval_rows']} held-out examples ({formats}), "
             f"{stats['prompt_tokens']:,} prompt and {stats['answer_tokens']:,} answer tokens; truncated "
             f"{stats['truncated']}, dropped {stats['dropped']}; cache {stats['cache']}"
+            + (f"; {unpaired_note(stats['unpaired_pairs'])}" if stats["unpaired_pairs"] else "")
         )
 
     def on_preference_done(self, metrics: dict[str, Any]) -> None:

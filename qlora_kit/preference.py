@@ -134,11 +134,14 @@ def policy_model(recipe: Recipe, tokenizer, resolved: Resolved):
 def make_trainer(recipe: Recipe, model, tokenizer, data: pref_data.PreferenceData, config, resolved: Resolved):
     """trl's trainer for the method; the reference lives in ``model`` (see the module docstring)."""
     adapter_weights = {name: p.data for name, p in model.named_parameters() if p.requires_grad}
+    evaluation = data.eval if config.eval_strategy != "no" else None
+    if recipe.method == "kto" and evaluation is not None and "chosen_ids" in evaluation.column_names:
+        evaluation = pref_data.unpair_tokenized(evaluation)  # KTO's eval loss reads rows; the pairs score rewards
     trainer = TRAINERS[recipe.method](
         model=model,
         args=config,
         train_dataset=data.train,
-        eval_dataset=data.eval if config.eval_strategy != "no" else None,
+        eval_dataset=evaluation,
         processing_class=tokenizer,
     )
     train_stage.keep_adapter_dtype(model, adapter_weights, resolved.compute_dtype)

@@ -189,7 +189,8 @@ class DataSource(Section):
     format: DataFormat = Field(
         "auto",
         description="Row format; auto detects it from the columns and says which. Preference methods read "
-        "preference (prompt/chosen/rejected) or, for kto, unpaired (prompt/completion/label).",
+        "preference (prompt/chosen/rejected); kto also reads unpaired (prompt/completion/label) and unpairs "
+        "preference rows into them.",
     )
     split: str = Field("train", description="Split to read from a hub dataset.")
     name: str | None = Field(None, description="Hub dataset config name.")
@@ -448,8 +449,8 @@ class Recipe(Section):
     method: Method = Field(
         "sft",
         description="sft (supervised, trl's SFTTrainer), or a preference method on chosen/rejected data: dpo "
-        "(DPOTrainer, any of its loss_type variants), orpo (ORPOTrainer), kto (KTOTrainer, unpaired data), simpo "
-        "(CPOTrainer with loss_type simpo).",
+        "(DPOTrainer, any of its loss_type variants), orpo (ORPOTrainer), kto (KTOTrainer, unpaired rows, or pairs it "
+        "unpairs), simpo (CPOTrainer with loss_type simpo).",
     )
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)

@@ -192,13 +192,15 @@ def test_bench_train_cli_reports_both_sides(tmp_path, tiny_model_dir, arithmetic
 PAIRS = 4  # one batch holds every training row, so each step reads all of them whatever the order
 
 
-def preference_bench_recipe(tmp_path, model_dir, method: str) -> tuple[str, object]:
+def preference_bench_recipe(tmp_path, model_dir, method: str, paired: bool = False) -> tuple[str, object]:
+    """PAIRS training examples: pairs, or for KTO unpaired rows (from PAIRS / 2 pairs, unpaired here or, with
+    ``paired``, by each side itself)."""
     from .test_preference import preference_recipe, write_recipe
 
     pairs = sum_pairs(PAIRS if method != "kto" else PAIRS // 2)
     pairs[0]["prompt"][0]["content"] += " Answer with the number alone."  # sequences of several lengths: padding
     pairs[1]["chosen"][0]["content"] += " is the sum."
-    rows = unpaired(pairs) if method == "kto" else pairs
+    rows = unpaired(pairs) if method == "kto" and not paired else pairs
     raw = preference_recipe(tmp_path, model_dir, method, rows, rows[:2], per_device_train_batch_size=PAIRS)
     path = write_recipe(tmp_path, raw)
     return path, load_recipe(path)
@@ -255,10 +257,12 @@ def test_bench_train_dpo_counts_the_batches_both_sides_feed(tmp_path, tiny_model
     assert "not comparable with SFT" in markdown and "| final train loss |" in markdown
 
 
-@pytest.mark.parametrize("method", ["orpo", "kto", "simpo"])
+@pytest.mark.parametrize("method", ["orpo", "kto", "kto-on-pairs", "simpo"])
 def test_bench_train_sides_run_and_count_every_preference_method(tmp_path, tiny_model_dir, monkeypatch, method):
     monkeypatch.setenv("QLORA_KIT_CACHE", str(tmp_path / "cache"))
-    path, recipe = preference_bench_recipe(tmp_path, tiny_model_dir, method)
+    # KTO on pairs: qlora-kit unpairs them, and the plain side hands them to KTOTrainer, which unpairs them itself.
+    method, paired = method.removesuffix("-on-pairs"), method.endswith("-on-pairs")
+    path, recipe = preference_bench_recipe(tmp_path, tiny_model_dir, method, paired)
     expected = fed_by_each_side(recipe, tmp_path)
     for side in ("toolkit", "baseline"):
         out = tmp_path / f"{side}.json"
@@ -298,10 +302,11 @@ def test_bench_train_preference_mistakes_are_one_error_line(tmp_path, tiny_model
     from .test_preference import preference_recipe, write_recipe
 
     pairs = sum_pairs(4)
-    kto_on_pairs = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "kto", pairs, pairs), "kto.yaml")
+    bad_pair = [*pairs, {"prompt": "q", "chosen": "a", "rejected": "a"}]  # KTO checks the pairs it unpairs
+    kto = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "kto", bad_pair, pairs), "kto.yaml")
     dpo = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", pairs, pairs), "dpo.yaml")
     cases = {
-        (kto_on_pairs,): "error: data.train.0 (",
+        (kto,): f"error: {tmp_path / 'kto-train.jsonl'} line 5: chosen equals rejected",
         (dpo, f"model.adapter={tmp_path / 'missing'}"): "error: model.adapter: ",
     }
     for (recipe, *overrides), start in cases.items():

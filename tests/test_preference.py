@@ -82,10 +82,10 @@ def test_training_is_checked_against_the_methods_trl_config():
 # Data
 
 
-def build(tmp_path, tiny_model_dir, rows, method="dpo", **data):
+def build(tmp_path, tiny_model_dir, rows, method="dpo", held=None, **data):
     from qlora_kit.tokenizer import load_tokenizer
 
-    raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2])
+    raw = preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2] if held is None else held)
     raw["data"].update(data)
     recipe = load_recipe(write_recipe(tmp_path, raw))
     tokenizer = load_tokenizer(recipe)
@@ -127,8 +127,51 @@ def test_unpaired_rows_for_kto(tmp_path, tiny_model_dir):
     assert built.train["label"] == [True, False] * 3
     with pytest.raises(UserError, match="train with method: kto, not dpo"):
         build(tmp_path, tiny_model_dir, unpaired(sum_pairs(3)), method="dpo")
-    with pytest.raises(UserError, match=r"data.train.0 \(.*\): method kto trains on unpaired rows"):
-        build(tmp_path, tiny_model_dir, sum_pairs(3), method="kto")
+
+
+def test_kto_unpairs_pairs_into_the_rows_trl_makes(tmp_path, tiny_model_dir):
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    long_prompt = [{"role": "user", "content": "word " * 200 + "What is 2 plus 2?"}]
+    pairs = [*sum_pairs(4), {**sum_pairs(1, seed=3)[0], "prompt": long_prompt}]
+    held = sum_pairs(2, seed=9)
+    from_pairs, tokenizer = build(tmp_path, tiny_model_dir, pairs, method="kto", held=held)
+    # trl's own helper on the raw pairs, written as KTO's native unpaired rows, tokenizes to the very same rows.
+    rows = unpair_preference_dataset(Dataset.from_list(pairs)).to_list()
+    native, _ = build(tmp_path, tiny_model_dir, rows, method="kto", held=held)
+    assert from_pairs.train.to_list() == native.train.to_list()
+    assert from_pairs.train.column_names == ["prompt_ids", "completion_ids", "label"]
+    assert from_pairs.train["label"] == [True] * 5 + [False] * 5  # trl's order: the chosen rows, then the rejected
+    for index, pair in enumerate(pairs):
+        for row, side in ((from_pairs.train[index], "chosen"), (from_pairs.train[5 + index], "rejected")):
+            assert tokenizer.decode(row["completion_ids"]) == pair[side][0]["content"] + "<|im_end|>\n"
+            question = pair["prompt"][0]["content"][-len("What is 2 plus 2?") :]  # what a cut prompt keeps
+            assert tokenizer.decode(row["prompt_ids"]).endswith(f"{question}<|im_end|>\n<|im_start|>assistant\n")
+            assert len(row["prompt_ids"]) + len(row["completion_ids"]) <= 64
+    long_rows = (from_pairs.train[4], from_pairs.train[9])
+    assert all(
+        len(r["prompt_ids"]) == 64 - len(r["completion_ids"]) for r in long_rows
+    )  # its prompt cut from the left
+    assert (from_pairs.stats.truncated, from_pairs.stats.unpaired_pairs, native.stats.unpaired_pairs) == (2, 5, 0)
+    assert from_pairs.eval.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]  # held-out pairs score rewards
+    again, _ = build(tmp_path, tiny_model_dir, pairs, method="kto", held=held)
+    assert again.stats.cache == "hit" and again.train.to_list() == from_pairs.train.to_list()
+    assert again.stats.unpaired_pairs == 5 and from_pairs.stats.cache_path != native.stats.cache_path
+    # A prompt and chosen answer that two pairs share is one desirable row; a held-out pair's answers are not trained.
+    shared = [pairs[0], {**pairs[0], "rejected": [{"role": "assistant", "content": "no idea"}]}, held[0]]
+    deduped, _ = build(tmp_path, tiny_model_dir, shared, method="kto", held=held, dedupe=True)
+    assert deduped.train["label"] == [True, False, False]
+    assert (deduped.stats.duplicates, deduped.stats.unpaired_pairs) == (2, 2)  # the held-out pair, the shared row
+    # With eval_split, a pair is held out whole and stays a pair.
+    split, _ = build(tmp_path, tiny_model_dir, sum_pairs(8), method="kto", eval=None, eval_split=0.25)
+    assert len(split.train) == 2 * 6 and len(split.eval_rows) == 2 and split.eval_rows[0].fmt == "preference"
+    # Held out beside a source of unpaired rows, the held-out pairs are unpaired too: one dataset holds them all.
+    native_file = write_jsonl(tmp_path / "native.jsonl", unpaired(sum_pairs(4, seed=7)))
+    mixed, _ = build(tmp_path, tiny_model_dir, sum_pairs(8), method="kto", eval=None, eval_split=0.25,
+                     train=[{"path": str(tmp_path / "kto-train.jsonl")}, {"path": str(native_file)}])  # fmt: skip
+    assert {row.fmt for row in mixed.eval_rows} == {"unpaired"} and len(mixed.eval_rows) == 2 * 2 + 2
+    assert len(mixed.train) == 2 * 6 + 6 and mixed.eval.column_names == ["prompt_ids", "completion_ids", "label"]
 
 
 def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_model_dir):
@@ -150,6 +193,7 @@ def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_
     assert key["extra"] == {"pipeline": preference.PIPELINE_VERSION, "method": "dpo"}
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])  # KTO checks the pairs it unpairs as DPO does
 @pytest.mark.parametrize(
     ("bad", "reason"),
     [
@@ -158,23 +202,24 @@ def test_tokenized_pairs_are_cached_and_any_changed_input_misses(tmp_path, tiny_
         ({"prompt": "q", "chosen": "", "rejected": "b"}, "the pair has no 'chosen' answer"),
     ],
 )
-def test_bad_pairs_are_named_and_counted(tmp_path, tiny_model_dir, bad, reason):
+def test_bad_pairs_are_named_and_counted(tmp_path, tiny_model_dir, bad, reason, method):
     rows = [*sum_pairs(2, conversational=False), bad]
-    with pytest.raises(UserError, match=rf"dpo-train.jsonl line 3: {reason}"):
-        build(tmp_path, tiny_model_dir, rows)
-    built, _ = build(tmp_path, tiny_model_dir, rows, max_bad_rows=1)
-    assert built.stats.rows == 2 and sum(built.stats.bad_rows.values()) == 1
+    with pytest.raises(UserError, match=rf"{method}-train.jsonl line 3: {reason}"):
+        build(tmp_path, tiny_model_dir, rows, method)
+    built, _ = build(tmp_path, tiny_model_dir, rows, method, max_bad_rows=1)
+    assert built.stats.rows == (2 if method == "dpo" else 4) and sum(built.stats.bad_rows.values()) == 1
 
 
-def test_bad_preference_data_exits_2_naming_file_and_row(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_bad_preference_data_exits_2_naming_file_and_row(tmp_path, tiny_model_dir, method):
     rows = [*sum_pairs(3), {"prompt": "q", "chosen": "a", "rejected": "a"}]
-    path = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "dpo", rows, rows[:2]))
+    path = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, method, rows, rows[:2]))
     result = subprocess.run(
         [sys.executable, "-m", "qlora_kit", "train", path], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert lines[0].startswith("error: ") and "dpo-train.jsonl line 4: chosen equals rejected" in lines[0]
+    assert lines[0].startswith("error: ") and f"{method}-train.jsonl line 4: chosen equals rejected" in lines[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,6 +265,44 @@ def test_every_method_trains_and_lowers_its_loss(tmp_path, tiny_model_dir, metho
             assert report["metrics"]["merged"][key] == pytest.approx(tuned[key], rel=1e-2, abs=1e-2), key
         assert "reward_accuracy" not in report["metrics"]["base"]  # the base is the reference: no reward of its own
         assert (tmp_path / "run" / "eval.md").read_text().count("reward_accuracy") == 1
+
+
+def test_kto_trains_on_pairs_unpaired_with_its_weights(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from qlora_kit import preference
+    from qlora_kit.resolve import resolve
+    from qlora_kit.tokenizer import load_tokenizer
+
+    rows, held = sum_pairs(16), sum_pairs(8, seed=1)
+    weights = {"desirable_weight": 1.25, "undesirable_weight": 0.75}
+    raw = preference_recipe(tmp_path, tiny_model_dir, "kto", rows, held, beta=0.1, eval_strategy="steps",
+                            eval_steps=4, **weights)  # fmt: skip
+    recipe = load_recipe(write_recipe(tmp_path, raw))
+    tokenizer, resolved = load_tokenizer(recipe), resolve(recipe)
+    data = preference.pref_data.build(recipe, tokenizer)
+    model = preference.policy_model(recipe, tokenizer, resolved)
+    config = preference.preference_config(recipe, tmp_path / "out", True, resolved)
+    trainer = preference.make_trainer(recipe, model, tokenizer, data, config, resolved)
+    assert {key: getattr(trainer.args, key) for key in weights} == weights  # KTOConfig's own fields, passed through
+    assert len(trainer.train_dataset) == 32 and len(trainer.eval_dataset) == 16  # held-out pairs: rows for the loss
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 16)])  # a pair's chosen and rejected rows
+    assert batch["label"].tolist() == [True, False]
+    for index, example in enumerate(trainer.train_dataset.select([0, 16])):
+        kept = batch["attention_mask"][index].bool()
+        ids, mask = batch["input_ids"][index][kept].tolist(), batch["completion_mask"][index][kept].tolist()
+        assert ids == example["prompt_ids"] + example["completion_ids"]
+        assert mask == [0] * len(example["prompt_ids"]) + [1] * len(example["completion_ids"])  # the answer alone
+    assert "eval_loss" in trainer.evaluate()  # and the training run below evaluates every 4 steps
+    del trainer, model
+
+    result = preference.train(recipe, tmp_path / "run")
+    metrics = result.metrics
+    assert metrics["data"]["unpaired_pairs"] == 16 and metrics["data"]["cache"] == "hit"
+    assert metrics["steps"] == 8 and metrics["train_loss_last"] < metrics["train_loss_first"], metrics
+    assert metrics["preference_comparison"]["tuned"]["pairs"] == 8  # the held-out pairs score the rewards
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert max(t.abs().max().item() for name, t in adapter.items() if "lora_B" in name) > 0  # it moved off the base
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,6 +390,19 @@ def test_data_command_shows_prompt_chosen_and_rejected(tmp_path, tiny_model_dir,
     assert f"chosen: <|im_start|>user\n{rows[0]['prompt'][0]['content']}" in shown
     assert f"[[{answer}<|im_end|>" in shown and f"[[{wrong}<|im_end|>" in shown
     assert "rows: 4" in shown and "eval_rows: 2" in shown
+
+
+def test_data_command_says_kto_pairs_were_unpaired(tmp_path, tiny_model_dir, capsys):
+    from qlora_kit.cli import main
+
+    rows = sum_pairs(4)
+    path = write_recipe(tmp_path, preference_recipe(tmp_path, tiny_model_dir, "kto", rows, rows[:2]))
+    assert main(["data", path, "--plain", "--examples", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "-- example 0 (label True)" in shown and f"[[{rows[0]['chosen'][0]['content']}<|im_end|>" in shown
+    assert "rows: 8" in shown and "eval_rows: 2" in shown  # the held-out pairs stay pairs
+    words = " ".join(shown.split())  # the terminal wraps long lines
+    assert "unpaired: 4 pairs unpaired into 8 KTO rows (chosen: label true, rejected: label false)" in words
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,10 @@ Three row shapes are accepted: strings (``prompt`` + answers), conversations (``
 assistant turns that follow), and full conversations that share a prefix (UltraFeedback-style ``chosen``/``rejected``
 message lists, whose common leading messages are the prompt). Too long a pair loses the start of its prompt first,
 then the ends of its answers.
+
+KTO trains on unpaired rows; its training pairs are unpaired once checked and held out, as trl's
+``unpair_preference_dataset`` does (chosen with label true, rejected with label false), and are then KTO rows like
+any other: deduplicated, rendered, truncated and cached the same way.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from qlora_kit.errors import UserError
 from qlora_kit.recipe import DataSource, Recipe
 
 # Bump whenever a change here changes the tokens produced from the same inputs (it is part of the cache key).
-PIPELINE_VERSION = "qlora-kit-preference-1"
+PIPELINE_VERSION = "qlora-kit-preference-2"
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")
 ROLES = {"system", "user", "assistant", "tool"}
@@ -150,6 +154,49 @@ def normalize(row: Row, fmt: str, columns: dict[str, str] | None = None) -> Row:
     return normalize_pair(row, columns) if fmt == "preference" else normalize_unpaired(row, columns)
 
 
+# trl's unpair_preference_dataset unpairs through datasets' map, whose default batch is 1000 pairs.
+UNPAIR_BATCH = 1000
+
+
+def unpair(pairs: list[Row]) -> list[Row]:
+    """KTO rows from normalized pairs, as trl's ``unpair_preference_dataset`` makes them: each pair gives its chosen
+    answer with label true and its rejected answer with label false, both with the pair's prompt (and its file and
+    line, for errors). The order is trl's too: per batch of 1000 pairs, the chosen rows, then the rejected ones, so
+    KTO's mismatched KL completions (a batch's completions rotated by one) pair a prompt with another prompt's answer
+    rather than with the other answer of its own pair."""
+    return _unpaired(
+        pairs,
+        lambda pair, side, label: Row(
+            {"prompt": pair.data["prompt"], "completion": pair.data[side], "label": label}, pair.where, "unpaired"
+        ),
+    )
+
+
+def unpair_tokenized(pairs):
+    """Tokenized pairs (a datasets.Dataset) as tokenized KTO rows, in the order of ``unpair``: KTO's evaluation loss
+    reads rows, while the held-out pairs themselves score the rewards."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        _unpaired(
+            pairs.to_list(),
+            lambda pair, side, label: {
+                "prompt_ids": pair["prompt_ids"],
+                "completion_ids": pair[f"{side}_ids"],
+                "label": label,
+            },
+        )
+    )
+
+
+def _unpaired(pairs: list, make) -> list:
+    out = []
+    for start in range(0, len(pairs), UNPAIR_BATCH):
+        for side, label in (("chosen", True), ("rejected", False)):
+            out += [make(pair, side, label) for pair in pairs[start : start + UNPAIR_BATCH]]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Rendering and tokens
 
@@ -220,6 +267,7 @@ class PreferenceStats:
     truncated: int = 0
     dropped: int = 0
     duplicates: int = 0
+    unpaired_pairs: int = 0  # KTO: training pairs unpaired into twice as many rows
     formats: dict[str, str] = field(default_factory=dict)
     bad_rows: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
@@ -286,11 +334,6 @@ class PreferenceData:
 def read_rows(source: DataSource, label: str, recipe: Recipe, bad: BadRows, stats: PreferenceStats) -> list[Row]:
     rows = read_source(source, bad)
     fmt = detect(rows, source.format, f"{label} ({source.path})", source.columns, recipe.method)
-    if fmt == "preference" and recipe.method == "kto" and label != "data.eval":  # held-out pairs score KTO's rewards
-        raise UserError(
-            f"{label} ({source.path}): method kto trains on unpaired rows (prompt, completion, label true/false), not "
-            "pairs: give those, or train these pairs with method: dpo, orpo or simpo"
-        )
     stats.formats[source.path] = fmt
     out = []
     for row in rows:
@@ -303,10 +346,14 @@ def read_rows(source: DataSource, label: str, recipe: Recipe, bad: BadRows, stat
     return out
 
 
+def _key(row: Row) -> str:
+    return json.dumps(row.data, sort_keys=True, ensure_ascii=False)
+
+
 def _dedupe(rows: list[Row], seen: set[str], stats: PreferenceStats) -> list[Row]:
     kept = []
     for row in rows:
-        key = json.dumps(row.data, sort_keys=True, ensure_ascii=False)
+        key = _key(row)
         if key in seen:
             stats.duplicates += 1
         else:
@@ -320,16 +367,40 @@ def collect(recipe: Recipe, bad: BadRows, stats: PreferenceStats) -> tuple[list[
     data = recipe.data
     groups = [read_rows(source, f"data.train.{i}", recipe, bad, stats) for i, source in enumerate(data.train)]
     held = read_rows(data.eval, "data.eval", recipe, bad, stats) if data.eval is not None else []
+    seen: set[str] = set()
     if data.dedupe:
-        seen: set[str] = set()
         _dedupe(held, seen, stats)
         groups = [_dedupe(rows, seen, stats) for rows in groups]
     if data.eval_split:
-        groups, held = hold_out(groups, data.eval_split, data.seed)
+        groups, held = hold_out(groups, data.eval_split, data.seed)  # a pair is held out whole
+    if recipe.method == "kto":
+        groups, held = unpair_for_kto(groups, held, seen if data.dedupe else None, stats)
     rows = [row for rows in groups for row in rows]
     if len(groups) > 1:
         random.Random(data.seed).shuffle(rows)
     return rows, held
+
+
+def unpair_for_kto(
+    groups: list[list[Row]], held: list[Row], seen: set[str] | None, stats: PreferenceStats
+) -> tuple[list[list[Row]], list[Row]]:
+    """KTO's training pairs as unpaired rows, deduplicated again as rows when ``seen`` is given (two pairs may share
+    a prompt and chosen answer; a held-out pair's answer is not trained on). Held-out pairs stay pairs (they score
+    the rewards), unless held out beside unpaired rows, which one dataset cannot hold together with them."""
+    pairs_held = [row for row in held if row.fmt == "preference"]
+    held_rows = [row for row in held if row.fmt == "unpaired"] + unpair(pairs_held)
+    if pairs_held and len(pairs_held) < len(held):
+        held = held_rows
+    if seen is not None:
+        seen.update(_key(row) for row in held_rows)
+    out = []
+    for rows in groups:
+        if rows and rows[0].fmt == "preference":
+            stats.unpaired_pairs += len(rows)
+            rows = unpair(rows)
+            rows = _dedupe(rows, seen, stats) if seen is not None else rows
+        out.append(rows)
+    return out, held
 
 
 def build(recipe: Recipe, tokenizer) -> PreferenceData:
@@ -369,6 +440,10 @@ def tokenize(recipe: Recipe, tokenizer) -> PreferenceData:
 # What `qlora-kit data` shows
 
 
+def unpaired_note(pairs: int) -> str:
+    return f"{pairs} pairs unpaired into {2 * pairs} KTO rows (chosen: label true, rejected: label false)"
+
+
 def show(console, tokenizer, data: PreferenceData, count: int, plain: bool) -> None:
     """Examples as prompt + each answer, the trained answer tokens set apart as in the SFT preview; then statistics."""
     from qlora_kit.data.preview import example_text
@@ -390,6 +465,8 @@ def show(console, tokenizer, data: PreferenceData, count: int, plain: bool) -> N
         console.print(f"{key}: {stats[key]}")
     for path, fmt in stats["formats"].items():
         console.print(f"format: {path}: {fmt}")
+    if stats["unpaired_pairs"]:
+        console.print(f"unpaired: {unpaired_note(stats['unpaired_pairs'])}")
     console.print(f"cache: {stats['cache']}" + (f" ({stats['cache_path']})" if stats["cache_path"] else ""))
     for reason, number in stats["bad_rows"].items():
         console.print(f"bad rows skipped ({reason}): {number}")
