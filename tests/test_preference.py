@@ -472,6 +472,19 @@ def test_dpo_ddp_on_two_cpu_processes_matches_one_process(dpo_recipe, dpo_uninte
         torch.testing.assert_close(adapter_ddp[name], adapter_one[name], rtol=0, atol=1e-5)
 
 
+def test_merge_of_a_preference_run_without_held_out_data_verifies_on_training_pairs(tmp_path, tiny_model_dir):
+    from qlora_kit.merge import merge_run
+    from qlora_kit.preference import train
+
+    raw = preference_recipe(tmp_path, tiny_model_dir, "dpo", sum_pairs(16), sum_pairs(4, seed=1), max_steps=2)
+    del raw["data"]["eval"]
+    run = tmp_path / "dpo-no-eval"
+    train(load_recipe(write_recipe(tmp_path, raw)), run)
+    verification = merge_run(run).report["verification"]
+    assert verification["passed"], verification
+    assert verification["source"].startswith("training")
+
+
 def test_sft_then_dpo_then_merge_gives_one_model_with_both_updates(tmp_path, tiny_model_dir, arithmetic_rows):
     import torch
     from safetensors.torch import load_file

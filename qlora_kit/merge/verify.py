@@ -21,6 +21,7 @@ import torch
 
 from qlora_kit import data as data_stage
 from qlora_kit import model as model_stage
+from qlora_kit.data.sources import BadRows
 from qlora_kit.errors import UserError
 from qlora_kit.evaluate import generate, heldout_loss
 from qlora_kit.merge.adapter import Adapter
@@ -69,7 +70,11 @@ def preference_verification_set(recipe: Recipe, tokenizer) -> VerificationSet:
     from qlora_kit.data import preference as pref_data
 
     data = pref_data.build(recipe, tokenizer)
-    dataset, rows = (data.eval, data.eval_rows) if data.eval is not None else (data.train, data.train_rows)
+    if data.eval is not None:
+        dataset, rows = data.eval, data.eval_rows
+    else:  # the tokenized training set may come from the cache; its rows (for the prompts) are read again
+        dataset = data.train
+        rows, _ = pref_data.collect(recipe, BadRows(recipe.data.max_bad_rows), pref_data.PreferenceStats())
     side = "chosen_ids" if "chosen_ids" in dataset.column_names else "completion_ids"
     examples = [
         (prompt + answer, [data_stage.IGNORE_INDEX] * len(prompt) + answer)
