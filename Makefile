@@ -47,7 +47,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix qlora_kit tests benchmarks
 
 # The GPU suite (docs/benchmarking.md): qlora-kit beside plain trl on the Llama-3.1-8B shape, the long-context ladder,
-# a verified merge, and a dated section of benchmarks/RESULTS.md with the targets' pass/fail. One NVIDIA GPU.
+# a verified merge, qlora-kit beside LLaMA-Factory, axolotl and trl on the demo job (benchmarks/peers.py), and a
+# dated section of benchmarks/RESULTS.md with the targets' pass/fail. One NVIDIA GPU.
 bench-gpu: $(STAMP)
 	$(PY) benchmarks/gpu_suite.py
 

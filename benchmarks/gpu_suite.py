@@ -11,11 +11,19 @@ Stages, all on random weights of the shape (no download; qlora_kit/bench/shapes.
 2. the long-context ladder (benchmarks/long_context.py): peak memory of one step per length with and without each
    memory switch, beside the planner;
 3. a short qlora-kit run, merged and verified (`qlora-kit merge`'s logit, loss and generation checks);
-4. the section: machine, versions, every figure, and the targets with pass or fail: at least 1.5x the plain script's
+4. qlora-kit beside the peers (benchmarks/peers.py on the GPU): the demo job (recipes/demo.yaml, the committed demo
+   model, not the 8B shape) in qlora-kit, LLaMA-Factory, axolotl and a plain trl script, 3 interleaved rounds of 100
+   steps, bf16 compute; a peer that cannot be installed (no route to PyPI) or imported is named as left out with its
+   reason, and the stage goes on without it;
+5. the section: machine, versions, every figure, and the targets with pass or fail: at least 1.5x the plain script's
    tokens/s, at most 0.6x its peak VRAM, at least 40% MFU.
 
 Without a GPU, `make bench-gpu` says so in one `error:` line and points to the dry run, which writes its section to
---results (benchmarks/out/RESULTS-dry-run.md from make) so the committed file only ever holds GPU figures.
+--results (benchmarks/out/RESULTS-dry-run.md from make) so the committed file only ever holds GPU figures. The dry
+run's stage 4 runs peers.py on CPU with the two tools that need no install (qlora-kit and trl), one short round.
+
+If peers.py itself fails (qlora-kit or trl could not train), the section says so in stage 4's place and the suite
+exits 1 after writing it, so stages 1-3's figures are kept.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +42,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import long_context  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import peers  # noqa: E402
 import train_vs_trl  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +62,10 @@ class Sizes:
     steps: int
     lengths: tuple[int, ...]
     merge_steps: int
+    peer_tools: tuple[str, ...]  # benchmarks/peers.py's tools, on the demo job
+    peer_rounds: int
+    peer_steps: int
+    peer_skip_steps: int  # steps left out of peers.py's step time and tokens/s
 
 
 FULL = Sizes(
@@ -64,6 +78,10 @@ FULL = Sizes(
     steps=6,
     lengths=(4096, 16384, 32768),
     merge_steps=4,
+    peer_tools=("qlora-kit", "llamafactory", "axolotl", "trl"),
+    peer_rounds=3,
+    peer_steps=100,
+    peer_skip_steps=5,
 )
 DRY = Sizes(
     model="arch:llama-3.1-8b,num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
@@ -76,6 +94,10 @@ DRY = Sizes(
     steps=1,
     lengths=(64, 128),
     merge_steps=2,
+    peer_tools=("qlora-kit", "trl"),  # the two that run in this environment: no peer install in a dry run
+    peer_rounds=1,
+    peer_steps=6,
+    peer_skip_steps=2,
 )
 # Switches that keep checkpointing on share one process (one model load), trl's selective checkpointing last (it wraps
 # the model for good); turning checkpointing off needs a process of its own. The dry run checks the same code path
@@ -179,6 +201,26 @@ def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any
     }
 
 
+def peers_stage(sizes: Sizes, workdir: Path, dry_run: bool) -> dict[str, Any]:
+    """benchmarks/peers.py on the demo job (GPU; CPU in the dry run): its report (peers.json), or why it failed.
+
+    Peers left out for want of an install or an import are in the report's ``left_out``; only a failure of
+    peers.py itself (qlora-kit's or trl's run, the held-out scoring) gives ``{"failed": last line}``."""
+    out = workdir / "peers"
+    command = [
+        *(sys.executable, str(REPO / "benchmarks" / "peers.py"), "--device", "cpu" if dry_run else "cuda"),
+        *("--tools", *sizes.peer_tools, "--rounds", str(sizes.peer_rounds), "--steps", str(sizes.peer_steps)),
+        *("--skip-steps", str(sizes.peer_skip_steps), "--workdir", str(out)),
+        *(("--threads", "1") if dry_run else ()),  # the dry run's machine is small and shared
+    ]
+    result = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(result.stdout, flush=True)
+    if result.returncode != 0:
+        lines = [line for line in result.stdout.splitlines() if line.strip()]
+        return {"failed": f"peers.py exited {result.returncode}: {lines[-1] if lines else 'no output'}"}
+    return json.loads((out / "peers.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Targets and the RESULTS.md section
 
@@ -262,8 +304,35 @@ def section(result: dict[str, Any], command: str) -> str:
         "",
         _merge_line(result["merge"]),
         "",
+        *peers_lines(result["peers"], result["sizes"]),
     ]
     return "\n".join(lines)
+
+
+def peers_lines(report: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
+    """Stage 4's part of the section: peers.py's table, the tools left out and why, the peers' versions."""
+    if "failed" in report:
+        return [f"qlora-kit beside the peers (`benchmarks/peers.py`): FAILED ({report['failed']}).", ""]
+    job = report["job"]
+    compute = "bf16" if job["bf16"] else "float32"  # the 4-bit compute dtype every tool is given
+    optimizer = f"{job['optim']} for every tool" if job["optim"] else "each tool's optimizer as configured for CPU"
+    lines = [
+        f"qlora-kit beside the peers (`benchmarks/peers.py`, the demo job of `recipes/demo.yaml` on "
+        f"{report['device']}: {compute} 4-bit compute dtype, {optimizer}, packing "
+        f"{'on' if job['packing'] else 'off'}, {sizes['peer_steps']} steps, throughput after step "
+        f"{report['skip_steps']}; medians of {sizes['peer_rounds']} interleaved round(s)):",
+        "",
+        peers.table(report["results"]),
+        "",
+    ]
+    left_out = "; ".join(f"{tool}: {why}" for tool, why in report["left_out"].items())
+    versions = "; ".join(f"{tool}: " + ", ".join(f"{k} {v}" for k, v in pins.items())
+                         for tool, pins in report["peer_versions"].items())  # fmt: skip
+    if left_out:
+        lines += [f"Left out: {left_out}.", ""]
+    if versions:
+        lines += [f"Peer versions: {versions}.", ""]
+    return lines
 
 
 def _merge_line(merge: dict[str, Any]) -> str:
@@ -296,12 +365,14 @@ def run_suite(dry_run: bool, tokenizer: str, results: Path, command: str) -> dic
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch:
         workdir = Path(scratch)
         recipe_path = write_data(sizes, tokenizer, workdir)
-        print("stage 1/3: qlora-kit beside plain trl", flush=True)
+        print("stage 1/4: qlora-kit beside plain trl", flush=True)
         training = training_stage(recipe_path, sizes, workdir)
-        print("stage 2/3: the long-context ladder", flush=True)
+        print("stage 2/4: the long-context ladder", flush=True)
         ladder = ladder_stage(sizes, tokenizer, dry_run)
-        print("stage 3/3: a short run, merged and verified", flush=True)
+        print("stage 3/4: a short run, merged and verified", flush=True)
         merge = merge_stage(recipe_path, sizes, workdir)
+        print("stage 4/4: qlora-kit beside the peers (benchmarks/peers.py)", flush=True)
+        peers_report = peers_stage(sizes, workdir, dry_run)
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "dry_run": dry_run,
@@ -311,6 +382,7 @@ def run_suite(dry_run: bool, tokenizer: str, results: Path, command: str) -> dic
         "targets": targets(training),
         "ladder": ladder,
         "merge": merge,
+        "peers": peers_report,
         "seconds": time.perf_counter() - started,
     }
     text = section(result, command)
@@ -347,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run_suite(args.dry_run, args.tokenizer, results, command)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
-    return 0
+    return 1 if "failed" in result["peers"] else 0
 
 
 if __name__ == "__main__":

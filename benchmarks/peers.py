@@ -3,6 +3,7 @@
     python benchmarks/peers.py                          # install the peers (first time), 3 rounds, packing on
     python benchmarks/peers.py --rounds 3 --threads 2 --no-packing
     python benchmarks/peers.py --install-only           # just build the peers' virtual environments
+    python benchmarks/peers.py --device cpu --tools qlora-kit trl --rounds 1 --steps 8 --skip-steps 2
 
 The job comes from a qlora-kit recipe (default recipes/demo.yaml: the demo model in 4-bit NF4 with double
 quantization, LoRA on all linear layers, the demo chat data) plus --steps, --packing and the thread count, and is
@@ -11,19 +12,32 @@ LoRA rank/alpha/dropout/targets, data, max length, batch, learning rate, schedul
 (LLaMA-Factory: packing + neat_packing; axolotl: sample_packing; trl: packing, its padding-free best-fit-decreasing
 default). Every tool keeps packed examples from attending to each other.
 
+--device (default: cuda when torch sees a GPU, else cpu) puts every tool on that device. On cpu no GPU is visible
+to any tool (CUDA_VISIBLE_DEVICES is emptied) and the configurations are those the recorded CPU figures were taken
+with. On cuda every tool runs on the GPU with the compute dtype and the optimizer qlora-kit's recipe resolves to
+there (``auto``: bf16 on an Ampere or newer GPU, else float32; paged 8-bit AdamW): LLaMA-Factory and axolotl get
+``bf16`` and the optimizer in their configurations, the trl script its 4-bit compute dtype, weights dtype, ``bf16``
+and ``optim``; LLaMA-Factory and the trl script also get gradient checkpointing turned off, as the recipe and every
+other tool have it (on cpu they keep their default, on). The peers attend with sdpa on both devices; qlora-kit takes
+the kernel its recipe resolves to (sdpa, or flash-attention where the package is installed) and lays packed rows out
+for it (qlora_kit.resolve.packed_layout). The table then adds each tool's peak GPU memory.
+
 Each peer lives in its own virtual environment under --cache-dir (default ~/.cache/qlora-kit-peers), built with pip
-from PyPI: `torch==2.13.0` first (the local CPU wheel on a machine without a GPU), then `llamafactory` /
-`axolotl` with pip's own resolution of their pinned dependencies. qlora-kit and the plain trl script run in this
-Python (the project's environment).
+from PyPI the first time a run asks for it with --tools: `torch==2.13.0` first (the local CPU wheel on a machine
+without a GPU), then `llamafactory` / `axolotl` with pip's own resolution of their pinned dependencies. qlora-kit and
+the plain trl script run in this Python (the project's environment) and need no install. A peer that cannot be
+installed (no route to PyPI, say) or whose training entry point does not import is left out of the run, named with
+its one-line reason (peers.json's ``left_out``).
 
 Measured the same way for every tool: the folder benchmarks/peers_hook holds a ``sitecustomize`` that wraps
 transformers' ``Trainer.training_step`` in each tool's process (every tool trains through a transformers Trainer) to
 count each batch's input tokens (real tokens the model reads, padding excluded) and trained tokens (positions with a
 label after the shift) and its loss, and stamps the end of each optimizer step. Wall time and peak RSS come from the
-parent (``os.wait4`` of the child); time to first step is from spawning the process to the end of step 1;
-throughput is over the steps after --warmup-steps. The held-out loss is computed afterwards by one script for every
-tool's saved adapter (qlora-kit's 4-bit loader, peft, the recipe's eval data rendered by qlora-kit's pipeline with
-assistant-only labels). Rounds interleave the tools (qlora-kit, LLaMA-Factory, axolotl, trl, then again); the table
+parent (``os.wait4`` of the child), peak GPU memory (cuda) from ``torch.cuda.max_memory_allocated`` in the child;
+time to first step is from spawning the process to the end of step 1; throughput is over the steps after
+--skip-steps (default 5). The held-out loss is computed afterwards by one script for every tool's saved adapter
+(qlora-kit's 4-bit loader, peft, the recipe's eval data rendered by qlora-kit's pipeline with assistant-only labels),
+on the tools' device. Rounds interleave the tools (qlora-kit, LLaMA-Factory, axolotl, trl, then again); the table
 shows the median over rounds.
 """
 
@@ -79,9 +93,12 @@ class Job:
     double_quant: bool
     packing: bool
     end_of_turn: str
+    device: str = "cpu"  # "cuda": every tool trains on the GPU
+    bf16: bool = False  # bf16 compute (cuda only, where the GPU has it natively: qlora-kit's `auto`)
+    optim: str | None = None  # cuda: qlora-kit's optimizer there, for every tool; cpu: each tool's setting as before
 
 
-def job_from_recipe(path: Path, steps: int, packing: bool, end_of_turn: str) -> Job:
+def job_from_recipe(path: Path, steps: int, packing: bool, end_of_turn: str, device: str = "cpu") -> Job:
     from qlora_kit.recipe import load_recipe, training_args
 
     recipe = load_recipe(str(path))
@@ -107,7 +124,21 @@ def job_from_recipe(path: Path, steps: int, packing: bool, end_of_turn: str) -> 
         double_quant=recipe.quantization.bnb_4bit_use_double_quant,
         packing=packing,
         end_of_turn=end_of_turn,
+        device=device,
+        **(gpu_settings(recipe) if device == "cuda" else {}),
     )
+
+
+def gpu_settings(recipe) -> dict:
+    """The compute dtype and optimizer qlora-kit's recipe resolves to on this GPU, for every tool to use the same."""
+    import torch
+
+    from qlora_kit.resolve import resolve
+
+    resolved = resolve(recipe)
+    if resolved.compute_dtype == torch.float16:
+        sys.exit("error: peers.py compares bf16 or float32 compute; set quantization.bnb_4bit_compute_dtype to auto")
+    return {"bf16": resolved.compute_dtype == torch.bfloat16, "optim": resolved.optim}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,48 +156,77 @@ def _project_requirements(venv: Path) -> tuple[list[str], Path]:
     return [d for d in dependencies if not d.startswith("torch")], constraints
 
 
-def install(cache: Path) -> dict[str, float]:
-    """Build each peer's virtual environment once; return the seconds each install took (recorded beside it)."""
-    times = {}
-    for name, torch_packages in PEER_TORCH.items():
-        venv = cache / name
-        stamp = venv / ".installed.json"
-        if not stamp.is_file():
-            print(f"installing {name} into {venv} ...", flush=True)
-            started = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-            subprocess.run([*pip, *torch_packages], check=True)
-            if name in PEERS:
-                subprocess.run([*pip, torch_packages[0], *PEERS[name]], check=True)
-            else:  # qlora-kit itself, run from this checkout (PYTHONPATH), on the peer's torch
-                requirements, constraints = _project_requirements(venv)
-                subprocess.run([*pip, "-c", str(constraints), torch_packages[0], *requirements], check=True)
-            if torch_packages == [TORCH]:
-                # PyPI's torchvision wheel (pulled in by axolotl's dependencies) is built against the CUDA torch: its
-                # C++ ops fail to register against the CPU torch, and transformers then fails to import at all
-                # ("operator torchvision::nms does not exist"); transformers only uses it when present.
-                subprocess.run([*pip[:3], "uninstall", "-q", "-y", "torchvision"], check=True)
-            freeze = subprocess.run([*pip[:3], "freeze"], capture_output=True, text=True, check=True).stdout
-            stamp.write_text(json.dumps({"seconds": time.perf_counter() - started, "freeze": freeze}, indent=1))
-        times[name] = json.loads(stamp.read_text())["seconds"]
-    return times
+class InstallError(Exception):
+    """A peer's environment could not be built; the message is one line: the failing step's last error line."""
 
 
-def import_error(cache: Path, name: str) -> str | None:
+def _run(command: list[str]) -> None:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = [line.strip() for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        raise InstallError(lines[-1] if lines else f"{' '.join(command[:4])} ... exited {result.returncode}")
+
+
+def install_one(cache: Path, name: str) -> float:
+    """Build one peer's virtual environment unless already built; the seconds the install took (recorded beside it)."""
+    torch_packages = PEER_TORCH[name]
+    venv = cache / name
+    stamp = venv / ".installed.json"
+    if not stamp.is_file():
+        print(f"installing {name} into {venv} ...", flush=True)
+        started = time.perf_counter()
+        _run([sys.executable, "-m", "venv", "--clear", str(venv)])
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        _run([*pip, *torch_packages])
+        if name in PEERS:
+            _run([*pip, torch_packages[0], *PEERS[name]])
+        else:  # qlora-kit itself, run from this checkout (PYTHONPATH), on the peer's torch
+            requirements, constraints = _project_requirements(venv)
+            _run([*pip, "-c", str(constraints), torch_packages[0], *requirements])
+        if torch_packages == [TORCH]:
+            # PyPI's torchvision wheel (pulled in by axolotl's dependencies) is built against the CUDA torch: its
+            # C++ ops fail to register against the CPU torch, and transformers then fails to import at all
+            # ("operator torchvision::nms does not exist"); transformers only uses it when present.
+            _run([*pip[:3], "uninstall", "-q", "-y", "torchvision"])
+        freeze = subprocess.run([*pip[:3], "freeze"], capture_output=True, text=True, check=True).stdout
+        stamp.write_text(json.dumps({"seconds": time.perf_counter() - started, "freeze": freeze}, indent=1))
+    return json.loads(stamp.read_text())["seconds"]
+
+
+def install(cache: Path, tools: list[str]) -> tuple[dict[str, float], dict[str, str]]:
+    """Build the environments of the asked-for tools that need one (qlora-kit and trl run in this Python).
+
+    Returns the seconds each install took and, for a peer that could not be installed, the one-line reason."""
+    times, failed = {}, {}
+    for name in (tool for tool in tools if tool in PEER_TORCH):
+        try:
+            times[name] = install_one(cache, name)
+        except InstallError as error:
+            failed[name] = f"install failed: {error}"
+            print(f"{name} could not be installed, left out: {error}", flush=True)
+    return times, failed
+
+
+def device_env(device: str) -> dict[str, str]:
+    """What a tool's process is told about the device: on cpu no GPU is visible, on cuda what this process sees."""
+    return {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+
+
+def import_error(cache: Path, name: str, device: str = "cpu") -> str | None:
     """The error importing the peer's training entry point in its environment (last line), or None if it imports."""
     python = str(cache / name / "bin" / "python")
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DISABLE_VERSION_CHECK": "1"}
+    env = {**os.environ, **device_env(device), "DISABLE_VERSION_CHECK": "1"}
     result = subprocess.run([python, "-c", f"import {ENTRY_MODULES[name]}"], capture_output=True, text=True, env=env)
     if result.returncode == 0:
         return None
     return result.stderr.strip().splitlines()[-1]
 
 
-def peer_versions(cache: Path) -> dict[str, dict[str, str]]:
+def peer_versions(cache: Path, tools: list[str]) -> dict[str, dict[str, str]]:
+    """The main library versions in the environment of each peer that ran."""
     wanted = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "llamafactory", "axolotl")
     found = {}
-    for name in PEER_TORCH:
+    for name in (tool for tool in tools if tool in PEER_TORCH):
         lines = json.loads((cache / name / ".installed.json").read_text())["freeze"].splitlines()
         pins = dict(line.split("==", 1) for line in lines if "==" in line)
         found[name] = {k: pins[k] for k in wanted if k in pins}
@@ -224,15 +284,32 @@ def llamafactory_config(job: Job, out: Path) -> list[str]:
         "logging_steps": 10,
         "save_strategy": "no",
         "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,
-        "fp16": False,
+        **llamafactory_device(job),
         "plot_loss": False,
         "disable_tqdm": True,
     }
     path = out / "llamafactory.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return ["-m", "llamafactory.cli", "train", str(path)]
+
+
+def llamafactory_device(job: Job) -> dict:
+    """LLaMA-Factory 0.9.5's device keys. It takes the 4-bit compute dtype, the 4-bit storage dtype and the weights'
+    dtype from ``bf16`` (hparams/parser.py: compute_dtype; model/model_utils/quantization.py). On the GPU it attends
+    with sdpa like on CPU (its neat_packing under fa2 needs batch size 1: data/collator.py asserts it) and, like every
+    other tool there, without gradient checkpointing, which it turns on unless told (disable_gradient_checkpointing;
+    the CPU configuration keeps that default, as the recorded CPU figures were taken)."""
+    if job.device == "cpu":
+        return {"use_cpu": True, "bf16": False, "fp16": False}
+    gpu = {"bf16": job.bf16, "fp16": False, "flash_attn": "sdpa", "optim": job.optim}
+    return {**gpu, "disable_gradient_checkpointing": True}
+
+
+# axolotl turns on its fused LoRA kernels by default. Off on CPU: they dequantize NF4 through CUDA streams only. Off
+# on a GPU too: with LoRA dropout (this job's), axolotl 0.19's kernels (axolotl/kernels/lora.py) draw one dropout mask
+# shared by q/k/v and one shared by gate/up, and none for down_proj's input, where peft's LoRA layers (every other
+# tool's) draw a mask per layer: a different model would be trained.
+AXOLOTL_KERNELS_OFF = {"lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False}
 
 
 def axolotl_config(job: Job, out: Path) -> list[str]:
@@ -245,10 +322,7 @@ def axolotl_config(job: Job, out: Path) -> list[str]:
         "lora_alpha": job.alpha,
         "lora_dropout": job.dropout,
         "lora_target_linear": True,
-        # axolotl turns on its fused LoRA kernels by default; they dequantize NF4 through CUDA streams only.
-        "lora_mlp_kernel": False,
-        "lora_qkv_kernel": False,
-        "lora_o_kernel": False,
+        **AXOLOTL_KERNELS_OFF,
         "datasets": [
             {
                 "path": job.train,
@@ -275,11 +349,13 @@ def axolotl_config(job: Job, out: Path) -> list[str]:
         "learning_rate": job.learning_rate,
         "lr_scheduler": job.scheduler,
         "warmup_steps": job.warmup_steps,
-        "optimizer": "adamw_torch",
+        "optimizer": job.optim or "adamw_torch",
         "seed": job.seed,
+        # With sample_packing, axolotl keeps packed examples apart under sdpa: its varlen path on a GPU in half
+        # precision (torch >= 2.10), a block-diagonal mask otherwise (loaders/patch_manager.py).
         "sdp_attention": True,
         "flash_attention": False,
-        "bf16": False,
+        "bf16": job.bf16,
         "fp16": False,
         "tf32": False,
         "gradient_checkpointing": False,
@@ -303,16 +379,21 @@ from trl import SFTConfig, SFTTrainer
 
 job = json.loads(sys.argv[1])
 tokenizer = AutoTokenizer.from_pretrained(job["model"])
-quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
+dtype = torch.bfloat16 if job["bf16"] else torch.float32
+quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                            bnb_4bit_use_double_quant=job["double_quant"])
-model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=torch.float32)
+model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=dtype)
 lora = LoraConfig(r=job["r"], lora_alpha=job["alpha"], lora_dropout=job["dropout"], target_modules="all-linear",
                   task_type="CAUSAL_LM")
+# bitsandbytes puts the 4-bit model on the GPU when there is one. On CPU, SFTConfig's defaults stand as the CPU
+# figures were taken (bf16 True: autocast on CPU; gradient_checkpointing True); on a GPU, the job's settings.
+gpu = {"bf16": job["bf16"], "optim": job["optim"], "gradient_checkpointing": False}
+device = {"use_cpu": True} if job["device"] == "cpu" else gpu
 config = SFTConfig(output_dir=sys.argv[2], max_length=job["max_length"], packing=job["packing"],
                    per_device_train_batch_size=job["batch_size"], learning_rate=job["learning_rate"],
                    lr_scheduler_type=job["scheduler"], warmup_steps=job["warmup_steps"], max_steps=job["steps"],
-                   seed=job["seed"], logging_steps=10, save_strategy="no", report_to="none", use_cpu=True,
-                   disable_tqdm=True, dataloader_num_workers=0)
+                   seed=job["seed"], logging_steps=10, save_strategy="no", report_to="none", disable_tqdm=True,
+                   dataloader_num_workers=0, **device)
 rows = datasets.load_dataset("json", data_files=job["train"], split="train")
 trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
 trainer.train()
@@ -360,14 +441,26 @@ def adapter_dir(tool: str, out: Path) -> Path:
 # Running and measuring
 
 
-def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int, profile: bool = False) -> dict:
-    """One training run in a fresh process; per-step figures from the hook, wall time and peak RSS from wait4.
+@dataclass(frozen=True)
+class Measure:
+    """How each run is measured: the device, torch's CPU threads, and the steps left out of the throughput."""
 
-    With ``profile``, the hook also runs the torch profiler over steps 6-10 and writes the ops that took the most
-    time to ``{tool}-profile.txt`` (the profiler slows those steps, so a profiled run's speed is not reported)."""
+    device: str = "cpu"
+    threads: int = 2
+    skip_steps: int = 5
+    profile: bool = False
+
+
+def run_tool(tool: str, command: list[str], python: str, out: Path, measure: Measure) -> dict:
+    """One training run in a fresh process; per-step figures from the hook, wall time and peak RSS from wait4, and
+    on cuda the process's peak GPU memory.
+
+    With ``measure.profile``, the hook also runs the torch profiler over steps 6-10 and writes the ops that took the
+    most time to ``{tool}-profile.txt`` (the profiler slows those steps, so a profiled run's speed is not reported)."""
     record = out / f"{tool}-steps.json"
     record.unlink(missing_ok=True)
-    profiling = {"QLORA_KIT_PEERS_PROFILE": str(out / f"{tool}-profile.txt")} if profile else {}
+    profiling = {"QLORA_KIT_PEERS_PROFILE": str(out / f"{tool}-profile.txt")} if measure.profile else {}
+    threads = measure.threads
     env = {
         **profiling,
         **os.environ,
@@ -378,7 +471,7 @@ def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
-        "CUDA_VISIBLE_DEVICES": "",
+        **device_env(measure.device),
         "WANDB_DISABLED": "true",
         "AXOLOTL_DO_NOT_TRACK": "1",  # no telemetry upload attempts (there is no network to reach anyway)
         "DISABLE_VERSION_CHECK": "1",  # LLaMA-Factory: its own pins are what pip installed
@@ -397,16 +490,19 @@ def run_tool(tool: str, command: list[str], python: str, out: Path, threads: int
     steps = json.loads(record.read_text())
     if not steps.get("four_bit_weights"):
         raise RuntimeError(f"{tool} trained without 4-bit weights (its configuration is not QLoRA), see {log}")
+    gpu = {"peak_gpu_mib": steps["cuda_peak_allocated_bytes"] / 2**20} if "cuda_peak_allocated_bytes" in steps else {}
     return {
         "wall_s": wall,
         "peak_rss_mib": usage.ru_maxrss / 1024,
+        **gpu,
         "four_bit_weights": steps["four_bit_weights"],
         "trainable_parameters": steps["trainable_parameters"],
-        **summarize_steps(steps, started),
+        **summarize_steps(steps, started, measure.skip_steps),
     }
 
 
 def summarize_steps(record: dict, started: float, warmup: int = 5) -> dict:
+    """Per-step figures over the steps after the first ``warmup`` (at least 1: the first stamp starts the clock)."""
     steps = record["steps"]
     measured = steps[warmup:]
     seconds = measured[-1]["t"] - steps[warmup - 1]["t"]
@@ -446,9 +542,15 @@ print(json.dumps(losses))
 """
 
 
-def heldout_losses(recipe: Path, adapters: dict[str, str], end_of_turn: str) -> dict[str, float]:
-    """One script, one tokenization of the held-out data, for every tool's adapter."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+def heldout_losses(recipe: Path, adapters: dict[str, str], end_of_turn: str, device: str = "cpu") -> dict[str, float]:
+    """One script, one tokenization of the held-out data, for every tool's adapter, on the device the tools used."""
+    env = {
+        **os.environ,
+        **device_env(device),
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
     result = subprocess.run(
         [sys.executable, "-c", HELDOUT, str(recipe), json.dumps(adapters), end_of_turn],
         capture_output=True,
@@ -469,9 +571,12 @@ def table(results: dict[str, list[dict]]) -> str:
         ("trained tokens/s", "trained_tokens_per_s", "{:,.0f}"),
         ("input tokens/s", "input_tokens_per_s", "{:,.0f}"),
         ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
+        ("peak GPU memory (MiB)", "peak_gpu_mib", "{:,.0f}"),
         ("final train loss", "final_train_loss", "{:.3f}"),
         ("held-out loss", "heldout_loss", "{:.3f}"),
     ]
+    runs = [run for tool_runs in results.values() for run in tool_runs]
+    columns = [c for c in columns if c[1] != "peak_gpu_mib" or any("peak_gpu_mib" in run for run in runs)]
     lines = ["| tool | " + " | ".join(c[0] for c in columns) + " |", "|---" + "|---:" * len(columns) + "|"]
     for tool, runs in results.items():
         cells = [fmt.format(statistics.median(r[key] for r in runs)) for _, key, fmt in columns]
@@ -484,7 +589,8 @@ def rescore(args: argparse.Namespace, job: Job) -> None:
     report = json.loads((args.workdir / "peers.json").read_text())
     results = report["results"]
     adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in results}
-    for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn).items():
+    device = report.get("device", "cpu")
+    for tool, loss in heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn, device).items():
         for run in results[tool]:
             run["heldout_loss"] = loss
     report["heldout_rescored_from_last_round"] = True
@@ -494,10 +600,15 @@ def rescore(args: argparse.Namespace, job: Job) -> None:
 
 def profile_tools(args: argparse.Namespace, commands: dict[str, tuple[str, list[str]]]) -> None:
     """Where each tool's packed step goes: the torch profiler's top ops, one run per tool, printed side by side."""
+    measure = replace(measure_of(args), profile=True)
     for tool in args.tools:
         python, command = commands[tool]
-        run_tool(tool, command, python, args.workdir, args.threads, profile=True)
+        run_tool(tool, command, python, args.workdir, measure)
         print(f"\n## {tool}\n" + (args.workdir / f"{tool}-profile.txt").read_text(), flush=True)
+
+
+def measure_of(args: argparse.Namespace) -> Measure:
+    return Measure(device=args.device, threads=args.threads, skip_steps=args.skip_steps)
 
 
 def tool_commands(job: Job, args: argparse.Namespace) -> dict[str, tuple[str, list[str]]]:
@@ -514,15 +625,54 @@ def tool_commands(job: Job, args: argparse.Namespace) -> dict[str, tuple[str, li
     }
 
 
-def main() -> None:
+def run_rounds(args: argparse.Namespace, job: Job) -> dict[str, list[dict]]:
+    """Every round runs each tool once, in order, then scores the round's adapters; each run's figures, per tool."""
+    commands = tool_commands(job, args)
+    seed = job.seed
+    results: dict[str, list[dict]] = {tool: [] for tool in args.tools}
+    for round_ in range(1, args.rounds + 1):
+        if args.vary_seed:  # round r trains with seed + r - 1: the held-out median is then over seeds, not reruns
+            job = replace(job, seed=seed + round_ - 1)
+            commands = tool_commands(job, args)
+        for tool in args.tools:
+            python, command = commands[tool]
+            run = run_tool(tool, command, python, args.workdir, measure_of(args))
+            results[tool].append({**run, "seed": job.seed})
+            print(f"round {round_} {tool}: " + json.dumps({k: round(v, 3) for k, v in run.items()}), flush=True)
+        adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in args.tools}
+        heldout = heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn, args.device)
+        for tool, loss in heldout.items():
+            results[tool][-1]["heldout_loss"] = loss
+        print(f"round {round_} held-out loss (seed {job.seed}): " + json.dumps(heldout), flush=True)
+    return results
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "demo.yaml")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads, the same for every tool")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where every tool trains (default: cuda when torch sees a GPU, else cpu)",
+    )
+    parser.add_argument(
+        "--skip-steps",
+        type=int,
+        default=5,
+        help="optimizer steps left out of step time and tokens/s (warm-up); --steps must be larger",
+    )
     parser.add_argument("--no-packing", dest="packing", action="store_false")
     parser.add_argument("--end-of-turn", default="<|im_end|>", help="the chat template's end-of-turn token (ChatML)")
-    parser.add_argument("--tools", nargs="+", default=list(TOOLS), choices=TOOLS)
+    parser.add_argument(
+        "--tools",
+        nargs="+",
+        default=list(TOOLS),
+        choices=TOOLS,
+        help="the tools to run, in this order each round; only these peers are installed",
+    )
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qlora-kit-peers")
     parser.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "out" / "peers")
     parser.add_argument("--install-only", action="store_true")
@@ -550,52 +700,57 @@ def main() -> None:
         action="store_true",
         help="recompute the held-out loss of the adapters the last round left in --workdir and reprint the table",
     )
-    args = parser.parse_args()
+    return checked(parser, parser.parse_args(argv))
 
-    args.cache_dir.mkdir(parents=True, exist_ok=True)
-    installs = install(args.cache_dir)
+
+def checked(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The device settled (cuda when torch sees a GPU) and the step counts checked: a mistake exits 2 in one line."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.exit(2, "error: --device cuda: torch sees no GPU here; use --device cpu\n")
+    if not 1 <= args.skip_steps < args.steps:
+        parser.exit(2, f"error: --skip-steps {args.skip_steps}: give at least 1 and fewer than --steps {args.steps}\n")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    installs, left_out = install(args.cache_dir, args.tools)
     print("install seconds:", {k: round(v) for k, v in installs.items()}, flush=True)
     if args.install_only:
-        return
-    job = job_from_recipe(args.recipe, args.steps, args.packing, args.end_of_turn)
+        return 1 if left_out else 0
+    job = job_from_recipe(args.recipe, args.steps, args.packing, args.end_of_turn, args.device)
     if args.seed is not None:
         job = replace(job, seed=args.seed)
     if args.heldout_only:
         rescore(args, job)
-        return
+        return 0
     args.workdir.mkdir(parents=True, exist_ok=True)
-    commands = tool_commands(job, args)
-    seed = job.seed
-    broken = {tool: import_error(args.cache_dir, tool) for tool in args.tools if tool in PEERS}
-    for tool, error in broken.items():
+    for tool in (tool for tool in args.tools if tool in ENTRY_MODULES and tool not in left_out):
+        error = import_error(args.cache_dir, tool, args.device)
         if error:
+            left_out[tool] = f"does not import: {error}"
             print(f"{tool} is installed but cannot run here, left out: {error}", flush=True)
-    args.tools = [tool for tool in args.tools if not broken.get(tool)]
+    args.tools = [tool for tool in args.tools if tool not in left_out]
+    if not args.tools:
+        print("error: every tool asked for was left out (see above); nothing to compare", file=sys.stderr)
+        return 1
     if args.profile:
-        profile_tools(args, commands)
-        return
-    results: dict[str, list[dict]] = {tool: [] for tool in args.tools}
-    for round_ in range(1, args.rounds + 1):
-        if args.vary_seed:  # round r trains with seed + r - 1: the held-out median is then over seeds, not reruns
-            job = replace(job, seed=seed + round_ - 1)
-            commands = tool_commands(job, args)
-        for tool in args.tools:
-            python, command = commands[tool]
-            run = run_tool(tool, command, python, args.workdir, args.threads)
-            results[tool].append({**run, "seed": job.seed})
-            print(f"round {round_} {tool}: " + json.dumps({k: round(v, 3) for k, v in run.items()}), flush=True)
-        adapters = {tool: str(adapter_dir(tool, args.workdir)) for tool in args.tools}
-        heldout = heldout_losses(args.recipe.resolve(), adapters, job.end_of_turn)
-        for tool, loss in heldout.items():
-            results[tool][-1]["heldout_loss"] = loss
-        print(f"round {round_} held-out loss (seed {job.seed}): " + json.dumps(heldout), flush=True)
-    report = {"job": asdict(job), "threads": args.threads, "installs_s": installs, "results": results}
-    report["left_out"] = {tool: error for tool, error in broken.items() if error}
-    report["peer_versions"] = peer_versions(args.cache_dir)
+        profile_tools(args, tool_commands(job, args))
+        return 0
+    results = run_rounds(args, job)
+    report = {"job": asdict(job), "device": args.device, "threads": args.threads, "skip_steps": args.skip_steps}
+    report |= {"installs_s": installs, "results": results, "left_out": left_out}
+    report["peer_versions"] = peer_versions(args.cache_dir, args.tools)
     (args.workdir / "peers.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\n{args.rounds} rounds, {args.threads} threads each, packing {'on' if job.packing else 'off'}; medians:")
+    packing = "on" if job.packing else "off"
+    print(f"\n{args.rounds} rounds on {args.device}, {args.threads} threads each, packing {packing}; medians:")
     print(table(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

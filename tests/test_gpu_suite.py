@@ -57,3 +57,53 @@ def test_dry_run_writes_every_figure_to_the_results_file_it_is_given(tmp_path):
     assert set(skipped) == {"offload=true", "activation_offloading=true", "use_liger_kernel=true"}
     assert all("GPU" in why for why in skipped.values())
     assert report["merge"]["passed"] is True and report["merge"]["max_abs_logit_diff"] < 1e-3
+
+    # Stage 4: benchmarks/peers.py on CPU with the two tools that need no install, its table in the section.
+    beside = report["peers"]
+    assert beside["device"] == "cpu" and beside["left_out"] == {} and set(beside["results"]) == {"qlora-kit", "trl"}
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("qlora-kit beside the peers"))
+    header = [cell.strip() for cell in lines[start + 2].strip("|").split("|")]
+    assert "peak GPU memory (MiB)" not in header  # no CUDA, no column
+    rows = {row.strip("|").split("|")[0].strip(): row.strip("|").split("|") for row in lines[start + 4 : start + 6]}
+    assert set(rows) == {"qlora-kit", "trl"}
+    for tool, cells in rows.items():
+        (run,) = beside["results"][tool]
+        assert run["steps"] == 6 and run["four_bit_weights"] > 0 and math.isfinite(run["heldout_loss"])
+        for column in ("trained tokens/s", "input tokens/s"):
+            assert float(cells[header.index(column)].replace(",", "")) > 0, (tool, column, cells)
+        assert run["input_tokens_per_s"] > 0 and run["trained_tokens_per_s"] > 0
+
+
+def test_a_peer_that_cannot_be_installed_or_imported_is_left_out_with_its_reason(tmp_path, monkeypatch):
+    """What stage 4 meets on a GPU machine with no route to PyPI: the peer is named with pip's last line, not run."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_suite
+    import peers
+
+    # pip with no index to reach, as on a machine without network; only the asked-for peer is attempted.
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    cache = tmp_path / "peers-cache"
+    times, failed = peers.install(cache, ["qlora-kit", "llamafactory", "trl"])
+    assert times == {} and list(failed) == ["llamafactory"]
+    assert failed["llamafactory"] == "install failed: ERROR: No matching distribution found for torch==2.9.1"
+    assert not (cache / "llamafactory" / ".installed.json").exists() and not (cache / "axolotl").exists()
+
+    # An environment whose training entry point does not import.
+    (cache / "axolotl" / "bin").mkdir(parents=True)
+    (cache / "axolotl" / "bin" / "python").symlink_to(sys.executable)  # this Python has no axolotl
+    assert peers.import_error(cache, "axolotl") == "ModuleNotFoundError: No module named 'axolotl'"
+
+    run = {"wall_s": 9.0, "first_step_s": 2.0, "step_ms": 30.0, "trained_tokens_per_s": 900.0}
+    run |= {"input_tokens_per_s": 7000.0, "peak_rss_mib": 800.0, "final_train_loss": 1.5, "heldout_loss": 1.6}
+    report = {"job": {"bf16": True, "optim": "paged_adamw_8bit", "packing": True}, "device": "cuda", "skip_steps": 5}
+    report |= {"results": {"qlora-kit": [run]}, "peer_versions": {}}
+    report["left_out"] = {**failed, "axolotl": "does not import: ModuleNotFoundError: No module named 'axolotl'"}
+    text = "\n".join(gpu_suite.peers_lines(report, {"peer_steps": 100, "peer_rounds": 3}))
+    assert "on cuda: bf16 4-bit compute dtype, paged_adamw_8bit for every tool" in text
+    assert "| qlora-kit | 9.0 | 2.0 | 30 | 900 | 7,000 | 800 | 1.500 | 1.600 |" in text
+    assert (
+        "Left out: llamafactory: install failed: ERROR: No matching distribution found for torch==2.9.1; "
+        "axolotl: does not import: ModuleNotFoundError: No module named 'axolotl'." in text
+    )

@@ -3,7 +3,8 @@
 Python imports ``sitecustomize`` at start-up when this folder is on PYTHONPATH. Nothing happens unless
 QLORA_KIT_PEERS_OUT names the JSON file to write; then, once ``transformers.trainer`` is imported (by whichever tool),
 ``Trainer.training_step`` is wrapped to count each batch's tokens and loss, and every Trainer gets a callback that
-stamps the end of each optimizer step. The file is written when training ends. The same code measures every tool.
+stamps the end of each optimizer step. The file is written when training ends, with the process's peak CUDA memory
+(``torch.cuda.max_memory_allocated``) when the tool trained on a GPU. The same code measures every tool.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def patch(trainer_module) -> None:
 
     class Stamp(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
+            _synchronize()  # on a GPU the optimizer step is queued, not done: the stamp waits for it
             _profile_window(state.global_step)
             pending = record["pending"]
             losses = pending["loss"]
@@ -62,8 +64,9 @@ def patch(trainer_module) -> None:
             record["model"] = _weights(model)
 
         def on_train_end(self, args, state, control, **kwargs):
+            summary = {"steps": record["steps"], "threads": _threads(), **record.get("model", {}), **_cuda_peak()}
             with open(OUT, "w") as handle:
-                json.dump({"steps": record["steps"], "threads": _threads(), **record.get("model", {})}, handle)
+                json.dump(summary, handle)
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
@@ -105,6 +108,29 @@ def _weights(model) -> dict:
     four_bit = sum(1 for p in model.parameters() if type(p).__name__ == "Params4bit")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"four_bit_weights": four_bit, "trainable_parameters": trainable}
+
+
+def _cuda_in_use() -> bool:
+    """Whether this process has put anything on a GPU (CUDA initialized), without initializing it on a CPU run."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _synchronize() -> None:
+    if _cuda_in_use():
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _cuda_peak() -> dict:
+    """The most CUDA memory tensors held at once in this process (model load included), in bytes; {} on CPU."""
+    if not _cuda_in_use():
+        return {}
+    import torch
+
+    return {"cuda_peak_allocated_bytes": torch.cuda.max_memory_allocated()}
 
 
 def _threads() -> int:
