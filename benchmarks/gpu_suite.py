@@ -359,8 +359,12 @@ def append_section(results: Path, text: str) -> None:
 # The command
 
 
-def run_suite(dry_run: bool, tokenizer: str, results: Path, command: str) -> dict[str, Any]:
+def run_suite(
+    dry_run: bool, tokenizer: str, results: Path, command: str, peer_tools: list[str] | None = None
+) -> dict[str, Any]:
     sizes = DRY if dry_run else FULL
+    if peer_tools:
+        sizes = replace(sizes, peer_tools=tuple(peer_tools))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch:
         workdir = Path(scratch)
@@ -402,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default=str(REPO / "models" / "demo-base"))
     parser.add_argument("--json", help="also write every figure here")
+    parser.add_argument(
+        "--peer-tools",
+        nargs="+",
+        help="the tools stage 4 runs (default: qlora-kit, LLaMA-Factory, axolotl, trl; qlora-kit and trl need no "
+        "install, for a GPU machine that cannot reach PyPI)",
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -416,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results) if args.results else default
     results.parent.mkdir(parents=True, exist_ok=True)
     command = "make bench-gpu-dry" if args.dry_run else "make bench-gpu"
-    result = run_suite(args.dry_run, args.tokenizer, results, command)
+    result = run_suite(args.dry_run, args.tokenizer, results, command, args.peer_tools)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 1 if "failed" in result["peers"] else 0

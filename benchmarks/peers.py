@@ -464,7 +464,7 @@ def run_tool(tool: str, command: list[str], python: str, out: Path, measure: Mea
     env = {
         **profiling,
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(HOOK), str(REPO)]),
+        "PYTHONPATH": os.pathsep.join([str(HOOK), str(REPO), *_own_path(python)]),
         "QLORA_KIT_PEERS_OUT": str(record),
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
@@ -542,12 +542,20 @@ print(json.dumps(losses))
 """
 
 
+def _own_path(python: str) -> list[str]:
+    """This process's PYTHONPATH for the tools that run in this Python (qlora-kit, trl), where packages may come from
+    it; never for a peer's own virtual environment, which must see only what was installed there."""
+    if python != sys.executable or not os.environ.get("PYTHONPATH"):
+        return []
+    return [os.environ["PYTHONPATH"]]
+
+
 def heldout_losses(recipe: Path, adapters: dict[str, str], end_of_turn: str, device: str = "cpu") -> dict[str, float]:
     """One script, one tokenization of the held-out data, for every tool's adapter, on the device the tools used."""
     env = {
         **os.environ,
         **device_env(device),
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *_own_path(sys.executable)]),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
     }
