@@ -165,7 +165,7 @@ def ladder_stage(sizes: Sizes, tokenizer: str, dry_run: bool) -> dict[str, Any]:
 def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any]:
     """A short qlora-kit run of the shape, merged and verified; the merge report's verification figures."""
     from qlora_kit.bench.shapes import materialize_architecture
-    from qlora_kit.merge import REPORT_NAME, merge_run
+    from qlora_kit.merge import REPORT_NAME, VerificationFailed, merge_run
     from qlora_kit.recipe import load_recipe
     from qlora_kit.train import train
 
@@ -187,8 +187,11 @@ def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any
     started = time.perf_counter()
     train(recipe, run_dir, force=True)
     trained = time.perf_counter() - started
-    merge_run(run_dir, force=True)
-    report = json.loads((run_dir / "merged" / REPORT_NAME).read_text())
+    try:
+        merge_run(run_dir, force=True)
+        report = json.loads((run_dir / "merged" / REPORT_NAME).read_text())
+    except VerificationFailed as failed:  # the merged model was not published: the section reports why
+        report = failed.report
     verification = report["verification"] or {}
     keys = ("max_abs_logit_diff", "mean_abs_logit_diff", "loss_diff", "generation_agreement", "passed", "failures")
     return {
@@ -360,11 +363,18 @@ def append_section(results: Path, text: str) -> None:
 
 
 def run_suite(
-    dry_run: bool, tokenizer: str, results: Path, command: str, peer_tools: list[str] | None = None
+    dry_run: bool,
+    tokenizer: str,
+    results: Path,
+    command: str,
+    peer_tools: list[str] | None = None,
+    peer_rounds: int | None = None,
 ) -> dict[str, Any]:
     sizes = DRY if dry_run else FULL
     if peer_tools:
         sizes = replace(sizes, peer_tools=tuple(peer_tools))
+    if peer_rounds:
+        sizes = replace(sizes, peer_rounds=peer_rounds)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch:
         workdir = Path(scratch)
@@ -406,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default=str(REPO / "models" / "demo-base"))
     parser.add_argument("--json", help="also write every figure here")
+    parser.add_argument("--peer-rounds", type=int, help="stage 4's interleaved rounds (default 3; 1 in the dry run)")
     parser.add_argument(
         "--peer-tools",
         nargs="+",
@@ -426,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results) if args.results else default
     results.parent.mkdir(parents=True, exist_ok=True)
     command = "make bench-gpu-dry" if args.dry_run else "make bench-gpu"
-    result = run_suite(args.dry_run, args.tokenizer, results, command, args.peer_tools)
+    result = run_suite(args.dry_run, args.tokenizer, results, command, args.peer_tools, args.peer_rounds)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 1 if "failed" in result["peers"] else 0
