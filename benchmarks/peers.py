@@ -296,11 +296,11 @@ def llamafactory_config(job: Job, out: Path) -> list[str]:
 def llamafactory_device(job: Job) -> dict:
     """LLaMA-Factory 0.9.5's device keys. It takes the 4-bit compute dtype, the 4-bit storage dtype and the weights'
     dtype from ``bf16`` (hparams/parser.py: compute_dtype; model/model_utils/quantization.py). On the GPU it attends
-    with sdpa like on CPU (its neat_packing under fa2 needs batch size 1: data/collator.py asserts it) and, like every
-    other tool there, without gradient checkpointing, which it turns on unless told (disable_gradient_checkpointing;
-    the CPU configuration keeps that default, as the recorded CPU figures were taken)."""
+    with sdpa like on CPU (its neat_packing under fa2 needs batch size 1: data/collator.py asserts it). Like every
+    other tool, it runs without gradient checkpointing, which it turns on unless told
+    (disable_gradient_checkpointing)."""
     if job.device == "cpu":
-        return {"use_cpu": True, "bf16": False, "fp16": False}
+        return {"use_cpu": True, "bf16": False, "fp16": False, "disable_gradient_checkpointing": True}
     gpu = {"bf16": job.bf16, "fp16": False, "flash_attn": "sdpa", "optim": job.optim}
     return {**gpu, "disable_gradient_checkpointing": True}
 
@@ -385,10 +385,10 @@ quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bi
 model = AutoModelForCausalLM.from_pretrained(job["model"], quantization_config=quant, dtype=dtype)
 lora = LoraConfig(r=job["r"], lora_alpha=job["alpha"], lora_dropout=job["dropout"], target_modules="all-linear",
                   task_type="CAUSAL_LM")
-# bitsandbytes puts the 4-bit model on the GPU when there is one. On CPU, SFTConfig's defaults stand as the CPU
-# figures were taken (bf16 True: autocast on CPU; gradient_checkpointing True); on a GPU, the job's settings.
+# bitsandbytes puts the 4-bit model on the GPU when there is one. SFTConfig defaults to bf16 (autocast, on CPU too)
+# and to gradient checkpointing: the job computes in its own dtype, without checkpointing, like every other tool.
 gpu = {"bf16": job["bf16"], "optim": job["optim"], "gradient_checkpointing": False}
-device = {"use_cpu": True} if job["device"] == "cpu" else gpu
+device = {"use_cpu": True, "bf16": False, "gradient_checkpointing": False} if job["device"] == "cpu" else gpu
 config = SFTConfig(output_dir=sys.argv[2], max_length=job["max_length"], packing=job["packing"],
                    per_device_train_batch_size=job["batch_size"], learning_rate=job["learning_rate"],
                    lr_scheduler_type=job["scheduler"], warmup_steps=job["warmup_steps"], max_steps=job["steps"],
@@ -490,6 +490,8 @@ def run_tool(tool: str, command: list[str], python: str, out: Path, measure: Mea
     steps = json.loads(record.read_text())
     if not steps.get("four_bit_weights"):
         raise RuntimeError(f"{tool} trained without 4-bit weights (its configuration is not QLoRA), see {log}")
+    if steps.get("gradient_checkpointing"):
+        raise RuntimeError(f"{tool} trained with gradient checkpointing, which the job leaves off, see {log}")
     gpu = {"peak_gpu_mib": steps["cuda_peak_allocated_bytes"] / 2**20} if "cuda_peak_allocated_bytes" in steps else {}
     return {
         "wall_s": wall,

@@ -107,7 +107,15 @@ def _weights(model) -> dict:
         return {}
     four_bit = sum(1 for p in model.parameters() if type(p).__name__ == "Params4bit")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"four_bit_weights": four_bit, "trainable_parameters": trainable}
+    # transformers 5.23 renamed is_gradient_checkpointing to is_activation_checkpointing; the peers pin older ones.
+    checkpointing = getattr(model, "is_activation_checkpointing", None)
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    return {
+        "four_bit_weights": four_bit,
+        "trainable_parameters": trainable,
+        "gradient_checkpointing": bool(checkpointing),
+    }
 
 
 def _cuda_in_use() -> bool:
