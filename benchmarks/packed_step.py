@@ -19,6 +19,9 @@ Variants (each sets everything it depends on, so the order does not matter):
   one-row     model-loss with trl's padding-free collator: the whole batch in one row, position ids restarting at
               each example, so sdpa gets one (rows x length)^2 block-diagonal mask
   no-dropout  model-loss with the LoRA dropout set to 0 (not a change to ship: it shows what the dropout costs)
+  wide-draws  model-loss with each LoRA dropout mask made from 64-bit random integers read as four 16-bit ones (a
+              quarter of the generator calls; the drop rate rounded to 1/65,536), to measure what a cheaper CPU mask
+              would buy: an experiment, not what qlora-kit trains with
 """
 
 from __future__ import annotations
@@ -66,13 +69,17 @@ def variants(trainer, model) -> dict:
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     dropout_p = dropouts[0].p if dropouts else 0.0
 
-    def setting(full_loss=True, collator=separate, kernel="sdpa", dropout=dropout_p):
+    def setting(full_loss=True, collator=separate, kernel="sdpa", dropout=dropout_p, wide_draws=False):
         def apply():
             trainer.full_logits_loss = full_loss
             trainer.data_collator = collator
             backbone.set_attn_implementation(kernel)
             for module in dropouts:
                 module.p = dropout
+                if wide_draws:
+                    module.forward = wide_draw_dropout(module)
+                else:
+                    module.__dict__.pop("forward", None)  # back to nn.Dropout's own forward
 
         return apply
 
@@ -83,7 +90,23 @@ def variants(trainer, model) -> dict:
         "eager": setting(kernel="eager"),
         "one-row": setting(collator=one_row),
         "no-dropout": setting(dropout=0.0),
+        "wide-draws": setting(wide_draws=True),
     }
+
+
+def wide_draw_dropout(module: torch.nn.Dropout):
+    """Dropout whose mask takes one generator call per four elements: 64-bit draws read as 16-bit integers."""
+    threshold = round(module.p * 65536) - 32768  # int16 values are uniform over [-32768, 32767]
+    keep_scale = 1.0 / (1.0 - (threshold + 32768) / 65536)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not module.training:
+            return x
+        count = x.numel()
+        draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:count]
+        return x * (draws.view(x.shape) >= threshold) * keep_scale
+
+    return forward
 
 
 def step(trainer, model, examples) -> float:
