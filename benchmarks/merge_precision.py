@@ -1,0 +1,97 @@
+"""How much of a merge verification's difference is the merge, and how much the precision it is computed in (CPU).
+
+    python benchmarks/merge_precision.py                          # 4 and 16 layers, each compute x merge dtype
+    python benchmarks/merge_precision.py --layers 32 --compute bfloat16 --merge bfloat16 float32
+
+A random-weight model of the Llama-3.1-8B family's width (hidden 1,024 here, 4,096 on the GPU suite; no download:
+qlora_kit/bench/shapes.py builds it) is trained for 4 steps on the GPU suite's mixed-length chat data with the given
+4-bit compute dtype, then merged into each merge dtype and verified the way `qlora-kit merge` does: the adapter on
+the 4-bit base against the merged model, on held-out examples, each computed in the run's compute dtype. One line per
+(layers, compute, merge) with the verification figures and whether they pass the recipe's default thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu_suite  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (
+    "arch:llama-3.1-8b,num_hidden_layers={layers},hidden_size=1024,intermediate_size=3584,num_attention_heads=8,"
+    "num_key_value_heads=2,vocab_size=4096"
+)
+FIGURES = ("max_abs_logit_diff", "mean_abs_logit_diff", "loss_diff", "generation_agreement", "passed")
+
+
+def trained_run(layers: int, compute: str, workdir: Path) -> Path:
+    """A 4-step QLoRA run of the random shape, computing in ``compute``."""
+    from qlora_kit.bench.shapes import materialize_architecture
+    from qlora_kit.recipe import load_recipe
+    from qlora_kit.train import train
+
+    sizes = replace(gpu_suite.DRY, model=SHAPE.format(layers=layers), max_length=256, batch_size=2, rows=48)
+    recipe_path = gpu_suite.write_data(sizes, str(REPO / "models" / "demo-base"), workdir)
+    overrides = [
+        f"data.cache_dir={workdir / 'data-cache'}",
+        "data.eval_split=0.1",
+        "training.max_steps=4",
+        "training.save_strategy=no",
+        "training.report_to=none",
+        "eval.num_samples=1",
+        "eval.max_new_tokens=4",
+        "eval.max_examples=8",
+        "merge.verify_examples=4",
+        "merge.verify_generations=2",
+        f"quantization.bnb_4bit_compute_dtype={compute}",
+    ]
+    recipe = load_recipe(str(recipe_path), overrides)
+    materialize_architecture(recipe)
+    run = workdir / "run"
+    train(recipe, run, force=True)
+    return run
+
+
+def verified_merge(run: Path, merge_dtype: str) -> dict:
+    """`qlora-kit merge`'s verification figures for one merge dtype, whether or not they pass."""
+    from qlora_kit.merge import REPORT_NAME, VerificationFailed, merge_run
+
+    try:
+        merge_run(run, overrides=[f"merge.dtype={merge_dtype}"], force=True)
+        report = json.loads((run / "merged" / REPORT_NAME).read_text())
+    except VerificationFailed as failed:
+        report = failed.report
+    return {key: report["verification"][key] for key in FIGURES}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--compute", nargs="+", default=["float32", "bfloat16"], help="4-bit compute dtypes")
+    parser.add_argument("--merge", nargs="+", default=["float32", "bfloat16"], help="merged weights' dtypes")
+    args = parser.parse_args()
+    print("| layers | compute | merge | max abs logit diff | mean abs logit diff | loss diff | generations | passed |")
+    print("|---:|---|---|---:|---:|---:|---:|---|")
+    for layers in args.layers:
+        for compute in args.compute:
+            with tempfile.TemporaryDirectory(prefix="merge-precision-") as scratch:
+                run = trained_run(layers, compute, Path(scratch))
+                for merge_dtype in args.merge:
+                    v = verified_merge(run, merge_dtype)
+                    print(
+                        f"| {layers} | {compute} | {merge_dtype} | {v['max_abs_logit_diff']:.3g} | "
+                        f"{v['mean_abs_logit_diff']:.3g} | {v['loss_diff']:.3g} | {v['generation_agreement']:.0%} | "
+                        f"{'yes' if v['passed'] else 'no'} |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()
