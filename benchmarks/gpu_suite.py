@@ -162,17 +162,15 @@ def ladder_stage(sizes: Sizes, tokenizer: str, dry_run: bool) -> dict[str, Any]:
     return long_context.ladder(sizes.model, tokenizer, list(sizes.lengths), groups, step_limit_s=120)
 
 
-def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any]:
-    """A short qlora-kit run of the shape, merged and verified; the merge report's verification figures."""
+def short_run_recipe(recipe_path: Path, workdir: Path, steps: int, extra: tuple[str, ...] = ()):
+    """The recipe of a few-step run of the shape, verified on a few held-out examples; its weights materialized."""
     from qlora_kit.bench.shapes import materialize_architecture
-    from qlora_kit.merge import REPORT_NAME, VerificationFailed, merge_run
     from qlora_kit.recipe import load_recipe
-    from qlora_kit.train import train
 
     overrides = [
         f"data.cache_dir={workdir / 'data-cache'}",
         "data.eval_split=0.1",
-        f"training.max_steps={sizes.merge_steps}",
+        f"training.max_steps={steps}",
         "training.save_strategy=no",
         "training.report_to=none",
         "eval.num_samples=1",
@@ -180,18 +178,34 @@ def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any
         "eval.max_examples=8",
         "merge.verify_examples=4",
         "merge.verify_generations=2",
+        *extra,
     ]
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = load_recipe(str(recipe_path), overrides)
     materialize_architecture(recipe)
+    return recipe
+
+
+def merge_report(run_dir: Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """`qlora-kit merge`'s report for the run, also when verification fails (the merge is then not published)."""
+    from qlora_kit.merge import REPORT_NAME, VerificationFailed, merge_run
+
+    try:
+        merge_run(run_dir, overrides=overrides, force=True)
+    except VerificationFailed as failed:
+        return failed.report
+    return json.loads((run_dir / "merged" / REPORT_NAME).read_text())
+
+
+def merge_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any]:
+    """A short qlora-kit run of the shape, merged and verified; the merge report's verification figures."""
+    from qlora_kit.train import train
+
+    recipe = short_run_recipe(recipe_path, workdir, sizes.merge_steps)
     run_dir = workdir / "merge-run"
     started = time.perf_counter()
     train(recipe, run_dir, force=True)
     trained = time.perf_counter() - started
-    try:
-        merge_run(run_dir, force=True)
-        report = json.loads((run_dir / "merged" / REPORT_NAME).read_text())
-    except VerificationFailed as failed:  # the merged model was not published: the section reports why
-        report = failed.report
+    report = merge_report(run_dir)
     verification = report["verification"] or {}
     keys = ("max_abs_logit_diff", "mean_abs_logit_diff", "loss_diff", "generation_agreement", "passed", "failures")
     return {

@@ -13,7 +13,6 @@ the 4-bit base against the merged model, on held-out examples, each computed in 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import replace
@@ -33,27 +32,12 @@ FIGURES = ("max_abs_logit_diff", "mean_abs_logit_diff", "loss_diff", "generation
 
 def trained_run(layers: int, compute: str, workdir: Path) -> Path:
     """A 4-step QLoRA run of the random shape, computing in ``compute``."""
-    from qlora_kit.bench.shapes import materialize_architecture
-    from qlora_kit.recipe import load_recipe
     from qlora_kit.train import train
 
     sizes = replace(gpu_suite.DRY, model=SHAPE.format(layers=layers), max_length=256, batch_size=2, rows=48)
     recipe_path = gpu_suite.write_data(sizes, str(REPO / "models" / "demo-base"), workdir)
-    overrides = [
-        f"data.cache_dir={workdir / 'data-cache'}",
-        "data.eval_split=0.1",
-        "training.max_steps=4",
-        "training.save_strategy=no",
-        "training.report_to=none",
-        "eval.num_samples=1",
-        "eval.max_new_tokens=4",
-        "eval.max_examples=8",
-        "merge.verify_examples=4",
-        "merge.verify_generations=2",
-        f"quantization.bnb_4bit_compute_dtype={compute}",
-    ]
-    recipe = load_recipe(str(recipe_path), overrides)
-    materialize_architecture(recipe)
+    compute_dtype = f"quantization.bnb_4bit_compute_dtype={compute}"
+    recipe = gpu_suite.short_run_recipe(recipe_path, workdir, 4, (compute_dtype,))
     run = workdir / "run"
     train(recipe, run, force=True)
     return run
@@ -61,13 +45,7 @@ def trained_run(layers: int, compute: str, workdir: Path) -> Path:
 
 def verified_merge(run: Path, merge_dtype: str) -> dict:
     """`qlora-kit merge`'s verification figures for one merge dtype, whether or not they pass."""
-    from qlora_kit.merge import REPORT_NAME, VerificationFailed, merge_run
-
-    try:
-        merge_run(run, overrides=[f"merge.dtype={merge_dtype}"], force=True)
-        report = json.loads((run / "merged" / REPORT_NAME).read_text())
-    except VerificationFailed as failed:
-        report = failed.report
+    report = gpu_suite.merge_report(run, [f"merge.dtype={merge_dtype}"])
     return {key: report["verification"][key] for key in FIGURES}
 
 

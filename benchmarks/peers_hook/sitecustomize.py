@@ -80,25 +80,26 @@ PROFILE = os.environ.get("QLORA_KIT_PEERS_PROFILE")
 PROFILED_STEPS = (5, 10)  # the torch profiler runs from the end of step 5 to the end of step 10: whole steps
 
 
+_profiler = None  # the running torch profiler, between the first and the last profiled step
+
+
 def _profile_window(step: int) -> None:
     """With QLORA_KIT_PEERS_PROFILE set, profile whole optimizer steps (data, forward, backward, optimizer)."""
+    global _profiler
     if not PROFILE:
         return
     import torch
 
     first, last = PROFILED_STEPS
     if step == first:
-        _profiler[0] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        _profiler[0].start()
-    elif step == last and _profiler:
-        _profiler[0].stop()
-        averages = _profiler[0].key_averages()
+        _profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        _profiler.start()
+    elif step == last and _profiler is not None:
+        _profiler.stop()
+        averages = _profiler.key_averages()
         with open(PROFILE, "w") as handle:
             handle.write(f"steps {first + 1}-{last}, {torch.get_num_threads()} thread(s)\n")
             handle.write(averages.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
-
-
-_profiler: dict[int, object] = {}
 
 
 def _weights(model) -> dict:

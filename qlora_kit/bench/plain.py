@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from qlora_kit import tokenizer as tokenizer_rules
+from qlora_kit.model import lora_config
 
 # Keys of qlora-kit's trainer arguments a hand-written script leaves at trl's defaults.
 TOOLKIT_ONLY = ("packing", "padding_free", "gradient_checkpointing_kwargs")
@@ -40,19 +41,6 @@ def plain_model(recipe, resolved):
         quantization_config=model_stage.quantization_config(recipe, resolved),
         dtype=resolved.compute_dtype,
         device_map=resolved.device_map,
-    )
-
-
-def lora_config(recipe):
-    from peft import LoraConfig
-
-    lora = recipe.lora
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
     )
 
 
