@@ -1,18 +1,21 @@
 """How much of a merge verification's difference is the merge, and how much the precision it is computed in (CPU).
 
     python benchmarks/merge_precision.py                          # 4 and 16 layers, each compute x merge dtype
-    python benchmarks/merge_precision.py --layers 32 --compute bfloat16 --merge bfloat16 float32
+    python benchmarks/merge_precision.py --layers 32 --compute bfloat16 --merge bfloat16 float32 --verify-in float32
 
 A random-weight model of the Llama-3.1-8B family's width (hidden 1,024 here, 4,096 on the GPU suite; no download:
 qlora_kit/bench/shapes.py builds it) is trained for 4 steps on the GPU suite's mixed-length chat data with the given
 4-bit compute dtype, then merged into each merge dtype and verified the way `qlora-kit merge` does: the adapter on
-the 4-bit base against the merged model, on held-out examples, each computed in the run's compute dtype. One line per
-(layers, compute, merge) with the verification figures and whether they pass the recipe's default thresholds.
+the 4-bit base against the merged model, on held-out examples, both computed in float32 whatever the run computed in
+(`--verify-in run` computes them in the run's dtype instead, as verification did before, to show why it no longer
+does; both by default). One line per (layers, compute, merge, verification dtype) with the verification figures and
+whether they pass the recipe's default thresholds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 from dataclasses import replace
@@ -43,9 +46,25 @@ def trained_run(layers: int, compute: str, workdir: Path) -> Path:
     return run
 
 
-def verified_merge(run: Path, merge_dtype: str) -> dict:
+@contextlib.contextmanager
+def verification_dtype(where: str):
+    """``float32``: verification as `qlora-kit merge` runs it. ``run``: both sides left in the run's compute dtype
+    (float32 compute switched off), which is how verification ran before it computed in float32."""
+    from qlora_kit import model as model_stage
+
+    upcast = model_stage.compute_in_float32
+    if where == "run":
+        model_stage.compute_in_float32 = lambda model: 0
+    try:
+        yield
+    finally:
+        model_stage.compute_in_float32 = upcast
+
+
+def verified_merge(run: Path, merge_dtype: str, where: str) -> dict:
     """`qlora-kit merge`'s verification figures for one merge dtype, whether or not they pass."""
-    report = gpu_suite.merge_report(run, [f"merge.dtype={merge_dtype}"])
+    with verification_dtype(where):
+        report = gpu_suite.merge_report(run, [f"merge.dtype={merge_dtype}"])
     return {key: report["verification"][key] for key in FIGURES}
 
 
@@ -54,21 +73,30 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--compute", nargs="+", default=["float32", "bfloat16"], help="4-bit compute dtypes")
     parser.add_argument("--merge", nargs="+", default=["float32", "bfloat16"], help="merged weights' dtypes")
+    parser.add_argument(
+        "--verify-in", nargs="+", choices=["float32", "run"], default=["float32", "run"], help="verification's dtype"
+    )
     args = parser.parse_args()
-    print("| layers | compute | merge | max abs logit diff | mean abs logit diff | loss diff | generations | passed |")
-    print("|---:|---|---|---:|---:|---:|---:|---|")
+    print(
+        "| layers | compute | merge | verified in | max abs logit diff | mean abs logit diff | loss diff | "
+        "generations | passed |"
+    )
+    print("|---:|---|---|---|---:|---:|---:|---:|---|")
     for layers in args.layers:
         for compute in args.compute:
             with tempfile.TemporaryDirectory(prefix="merge-precision-") as scratch:
                 run = trained_run(layers, compute, Path(scratch))
                 for merge_dtype in args.merge:
-                    v = verified_merge(run, merge_dtype)
-                    print(
-                        f"| {layers} | {compute} | {merge_dtype} | {v['max_abs_logit_diff']:.3g} | "
-                        f"{v['mean_abs_logit_diff']:.3g} | {v['loss_diff']:.3g} | {v['generation_agreement']:.0%} | "
-                        f"{'yes' if v['passed'] else 'no'} |",
-                        flush=True,
-                    )
+                    for where in args.verify_in:
+                        if where == "run" and compute == "float32":
+                            continue  # the same as float32
+                        v = verified_merge(run, merge_dtype, where)
+                        print(
+                            f"| {layers} | {compute} | {merge_dtype} | {where if where == 'float32' else compute} | "
+                            f"{v['max_abs_logit_diff']:.3g} | {v['mean_abs_logit_diff']:.3g} | {v['loss_diff']:.3g} | "
+                            f"{v['generation_agreement']:.0%} | {'yes' if v['passed'] else 'no'} |",
+                            flush=True,
+                        )
 
 
 if __name__ == "__main__":

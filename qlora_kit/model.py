@@ -152,6 +152,51 @@ def keep_float32_inference(model) -> int:
     return len(layers)
 
 
+class _Float32(torch.nn.Module):
+    """A parametrization that hands a layer its 16-bit weight as float32, computed each time the layer reads it."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float()
+
+
+def _float32_forward_4bit(layer):
+    """A 4-bit layer's forward in float32 on the weights it was trained against: dequantized into the dtype its
+    quantization state records (bitsandbytes' CPU matmul would dequantize into the input's dtype instead, which is
+    not what a bf16 run trained with nor what the merge writes), then upcast."""
+    from bitsandbytes.functional import dequantize_4bit
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        bias = None if layer.bias is None else layer.bias.float()
+        return torch.nn.functional.linear(x.float(), weight, bias)
+
+    return forward
+
+
+def compute_in_float32(model) -> int:
+    """Make ``model`` compute in float32 while its weights stay stored as they are; return the layers changed.
+
+    Merge verification compares two models that hold the same function up to rounding; computed in bf16, their
+    rounding differences alone grow with depth past the default limits (a loss difference of 0.08 on an 8B model
+    whose merge is exact). Loading both in float32 would double the merged model's memory; instead every 16-bit
+    weight is upcast when its layer reads it (torch's parametrizations: one float32 copy at a time), and each 4-bit
+    layer dequantizes, as in training, then multiplies in float32. Activations stay float32 from the embeddings on.
+    """
+    import bitsandbytes as bnb
+    from torch.nn.utils import parametrize
+
+    changed = 0
+    for module in list(model.modules()):
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.forward = _float32_forward_4bit(module)
+            changed += 1
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype in (torch.bfloat16, torch.float16):
+                parametrize.register_parametrization(module, name, _Float32(), unsafe=True)
+                changed += 1
+    return changed
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # LoRA
 

@@ -44,6 +44,7 @@ def make_run(
     lora: dict | None = None,
     seed: int = 0,
     tokenizer_dir: Path | None = None,
+    compute: str = "float32",
     **sections,
 ) -> Path:
     """A run directory as `train` writes it, with a real adapter on the real 4-bit base whose weights are random."""
@@ -74,7 +75,7 @@ def make_run(
     peft_model.save_pretrained(run / "adapter")
     tokenizer.save_pretrained(run / "adapter")
     resolved = resolved_dict(recipe)
-    resolved["quantization"]["bnb_4bit_compute_dtype"] = "float32"
+    resolved["quantization"]["bnb_4bit_compute_dtype"] = compute
     (run / "recipe.yaml").write_text(to_yaml(resolved))
     return run
 
@@ -216,6 +217,31 @@ def test_weighted_adapters_combine_linearly_and_verify(tmp_path, tiny_architectu
     verification = combined.report["verification"]
     assert verification["passed"] and verification["max_abs_logit_diff"] < 1e-4
     assert verification["generation_agreement"] == 1.0 and len(verification["generations"]) == 2
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2-tied"])
+def test_float32_compute_keeps_16bit_storage_and_computes_the_upcast_weights(tiny_architecture_dir, architecture):
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_architecture_dir(architecture)
+    ids = torch.tensor([[1, 5, 9, 200, 33, 47, 300, 2, 8]])
+    stored = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    upcast_copy = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).float().eval()
+    assert model_stage.compute_in_float32(stored) > 0
+    assert {p.dtype for p in stored.parameters()} == {torch.bfloat16}  # no float32 copy of the model is kept
+    with torch.no_grad():
+        logits = stored(input_ids=ids).logits
+    assert logits.dtype == torch.float32 and torch.equal(logits, upcast_copy(input_ids=ids).logits)
+
+
+def test_a_bf16_run_is_verified_in_float32(tmp_path, tiny_architecture_dir, arithmetic_rows):
+    """A bf16 run merged into float32 reproduces the adapter to float32 rounding, and the verification sees that:
+    it computes both sides in float32 (computed in bf16, they differ by about 1e-2 here, and more with depth)."""
+    model = {"name_or_path": str(tiny_architecture_dir("llama")), "dtype": "bfloat16"}
+    run = make_run(tmp_path, tiny_architecture_dir("llama"), arithmetic_rows, compute="bfloat16", model=model)
+    verification = merge_run(run, tmp_path / "merged", [*FAST, "dtype=float32"]).report["verification"]
+    assert verification["compute_dtype"] == "float32" and verification["passed"]
+    assert verification["max_abs_logit_diff"] < 1e-4 and verification["loss_diff"] < 1e-5, verification
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Both run the same held-out examples one at a time (no padding, so nothing but the weights differs): max and mean
 absolute logit difference over every position and vocabulary entry, held-out loss on the trained tokens, and greedy
-generations. Only one model is in memory at a time; the reference logits wait on disk.
+generations. Only one model is in memory at a time; the reference logits wait on disk. Both compute in float32
+whatever their weights are stored in (``model.compute_in_float32``): in bf16, two models that hold the same function
+disagree by their rounding alone, more with every layer, enough to fail a correct merge of an 8B model.
 
 Before that, the adapter's held-out loss is compared with the one ``train`` recorded in metrics.json: a base
 checkpoint that changed since training (another revision) shows up there, even though both sides of the merged-vs-
@@ -145,6 +147,7 @@ def reference_pass(
             for name, weight in weights.items():
                 if name in module.scaling:
                     module.scaling[name] *= weight  # peft sums active adapters: weighted sum = weighted scalings
+    model_stage.compute_in_float32(model)  # after the base check, which repeats training's own evaluation
 
     def save(index: int, logits: torch.Tensor) -> None:
         torch.save(logits.cpu(), logits_dir / f"{index}.pt")
@@ -164,6 +167,7 @@ def merged_pass(
         folder, dtype=dtype, device_map=resolve(recipe).device_map, output_loading_info=True
     )
     problems = {key: sorted(value) for key, value in info.items() if value and key != "error_msgs"}
+    model_stage.compute_in_float32(model)
     diffs = {"max": 0.0, "sum": 0.0, "count": 0}
 
     def compare(index: int, logits: torch.Tensor) -> None:
@@ -187,6 +191,7 @@ def judge(recipe: Recipe, strategy: str, heldout: VerificationSet, reference: di
     report = {
         "examples": len(heldout.examples),
         "source": heldout.source,
+        "compute_dtype": "float32",
         "max_abs_logit_diff": merged["max_abs_logit_diff"],
         "mean_abs_logit_diff": merged["mean_abs_logit_diff"],
         "loss_adapter": reference["loss"],
