@@ -7,9 +7,10 @@ A random-weight model of the Llama-3.1-8B family's width (hidden 1,024 here, 4,0
 qlora_kit/bench/shapes.py builds it) is trained for 4 steps on the GPU suite's mixed-length chat data with the given
 4-bit compute dtype, then merged into each merge dtype and verified the way `qlora-kit merge` does: the adapter on
 the 4-bit base against the merged model, on held-out examples, both computed in float32 whatever the run computed in
-(`--verify-in run` computes them in the run's dtype instead, as verification did before, to show why it no longer
-does; both by default). One line per (layers, compute, merge, verification dtype) with the verification figures and
-whether they pass the recipe's default thresholds.
+(`--verify-in own` computes each in its own dtype instead, the adapter in the run's compute dtype and the merged
+model in its stored one, as verification did before, to show why it no longer does; both by default). One line
+per (layers, compute, merge, verification dtype) with the verification figures and whether they pass the recipe's
+default thresholds.
 """
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def trained_run(layers: int, compute: str, workdir: Path) -> Path:
 
 @contextlib.contextmanager
 def verification_dtype(where: str):
-    """``float32``: verification as `qlora-kit merge` runs it. ``run``: both sides left in the run's compute dtype
-    (float32 compute switched off), which is how verification ran before it computed in float32."""
+    """``float32``: verification as `qlora-kit merge` runs it. ``own``: float32 compute switched off, so the adapter
+    computes in the run's compute dtype and the merged model in its stored dtype, as verification ran before."""
     from qlora_kit import model as model_stage
 
     upcast = model_stage.compute_in_float32
-    if where == "run":
+    if where == "own":
         model_stage.compute_in_float32 = lambda model: 0
     try:
         yield
@@ -74,7 +75,7 @@ def main() -> None:
     parser.add_argument("--compute", nargs="+", default=["float32", "bfloat16"], help="4-bit compute dtypes")
     parser.add_argument("--merge", nargs="+", default=["float32", "bfloat16"], help="merged weights' dtypes")
     parser.add_argument(
-        "--verify-in", nargs="+", choices=["float32", "run"], default=["float32", "run"], help="verification's dtype"
+        "--verify-in", nargs="+", choices=["float32", "own"], default=["float32", "own"], help="verification's dtype"
     )
     args = parser.parse_args()
     print(
@@ -88,11 +89,12 @@ def main() -> None:
                 run = trained_run(layers, compute, Path(scratch))
                 for merge_dtype in args.merge:
                     for where in args.verify_in:
-                        if where == "run" and compute == "float32":
+                        if where == "own" and compute == merge_dtype == "float32":
                             continue  # the same as float32
                         v = verified_merge(run, merge_dtype, where)
+                        verified_in = "float32" if where == "float32" else "own dtypes"
                         print(
-                            f"| {layers} | {compute} | {merge_dtype} | {where if where == 'float32' else compute} | "
+                            f"| {layers} | {compute} | {merge_dtype} | {verified_in} | "
                             f"{v['max_abs_logit_diff']:.3g} | {v['mean_abs_logit_diff']:.3g} | {v['loss_diff']:.3g} | "
                             f"{v['generation_agreement']:.0%} | {'yes' if v['passed'] else 'no'} |",
                             flush=True,

@@ -231,9 +231,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
         merge_run(Path(args.run_dir), args.output and Path(args.output), args.overrides, args.force, progress)
     except VerificationFailed as exc:
         progress.show_verification(exc.report["verification"], exc.report["strategy"])
+        # A 16-bit merge rounds W + BA to the 16-bit grid W already sits on: updates under half a step vanish.
+        hint = (
+            f"; merge.dtype={exc.report['dtype']} drops weight updates smaller than half its rounding step, "
+            "merge.dtype=float32 keeps them"
+            if exc.report.get("dtype") in ("bfloat16", "float16")
+            else ""
+        )
         print(
             f"error: verification failed: {exc}; the unverified merge was not published (kept for inspection in "
-            f"{exc.kept})",
+            f"{exc.kept}){hint}",
             file=sys.stderr,
         )
         return 1

@@ -159,6 +159,19 @@ class _Float32(torch.nn.Module):
         return weight.float()
 
 
+def repacked_for_cpu(model) -> bool:
+    """Whether bitsandbytes re-packed any 4-bit layer for its bf16 CPU kernel (on a no-grad forward with bf16
+    compute, see keep_float32_inference), rounding its quantization constants to bf16: those layers no longer hold
+    the weights training computed with."""
+    import bitsandbytes as bnb
+
+    return any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
+
+
 def _float32_forward_4bit(layer):
     """A 4-bit layer's forward in float32 on the weights it was trained against: dequantized into the dtype its
     quantization state records (bitsandbytes' CPU matmul would dequantize into the input's dtype instead, which is
@@ -188,6 +201,8 @@ def compute_in_float32(model) -> int:
     changed = 0
     for module in list(model.modules()):
         if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                raise ValueError("compute_in_float32 needs 4-bit layers in bitsandbytes' standard layout")
             module.forward = _float32_forward_4bit(module)
             changed += 1
         for name, param in list(module.named_parameters(recurse=False)):

@@ -234,14 +234,30 @@ def test_float32_compute_keeps_16bit_storage_and_computes_the_upcast_weights(tin
     assert logits.dtype == torch.float32 and torch.equal(logits, upcast_copy(input_ids=ids).logits)
 
 
-def test_a_bf16_run_is_verified_in_float32(tmp_path, tiny_architecture_dir, arithmetic_rows):
+def test_a_bf16_run_is_verified_in_float32(tmp_path, tiny_architecture_dir, arithmetic_rows, capsys):
     """A bf16 run merged into float32 reproduces the adapter to float32 rounding, and the verification sees that:
-    it computes both sides in float32 (computed in bf16, they differ by about 1e-2 here, and more with depth)."""
+    it computes both sides in float32 (computed in bf16, they differ by about 1e-2 here, and more with depth). The
+    base check before it still runs in bf16, as training evaluated (on CPUs with AVX512-BF16 bitsandbytes then
+    re-packs the 4-bit weights with bf16 scales, and the reference is loaded again)."""
+    from qlora_kit.evaluate import heldout_loss
+    from qlora_kit.merge import load_run
+    from qlora_kit.merge.verify import verification_set
+
     model = {"name_or_path": str(tiny_architecture_dir("llama")), "dtype": "bfloat16"}
     run = make_run(tmp_path, tiny_architecture_dir("llama"), arithmetic_rows, compute="bfloat16", model=model)
+    reference, tokenizer = adapter_model(run)
+    held_out = verification_set(load_run(run, [])[0], tokenizer).eval_dataset
+    recorded = heldout_loss(reference, held_out, tokenizer.pad_token_id)  # what train records, in bf16
+    (run / "metrics.json").write_text(json.dumps({"comparison": {"eval_loss_tuned": recorded}}))
     verification = merge_run(run, tmp_path / "merged", [*FAST, "dtype=float32"]).report["verification"]
     assert verification["compute_dtype"] == "float32" and verification["passed"]
+    assert verification["base_check"]["checked"] and verification["base_check"]["eval_loss_now"] == recorded
     assert verification["max_abs_logit_diff"] < 1e-4 and verification["loss_diff"] < 1e-5, verification
+    capsys.readouterr()
+    strict = [*FAST, "dtype=bfloat16", "mean_abs_logit_diff=1e-9"]
+    assert main(["merge", str(run), "--output", str(tmp_path / "bf16"), *strict]) == 1
+    error = capsys.readouterr().err.strip()  # a bf16 merge that fails says what a float32 one would keep
+    assert len(error.splitlines()) == 1 and error.endswith("merge.dtype=float32 keeps them")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -136,6 +136,9 @@ def reference_pass(
 
     model = model_stage.load_adapter_model(recipe, adapters[0].path, tokenizer)
     base_check = check_base_unchanged(model, tokenizer, recipe, heldout, metrics)
+    if model_stage.repacked_for_cpu(model):  # the check ran bitsandbytes' bf16 CPU kernel: load the weights again
+        _free(model)
+        model = model_stage.load_adapter_model(recipe, adapters[0].path, tokenizer)
     names = ["default"]
     for index, extra in enumerate(adapters[1:]):
         names.append(f"merge_{index}")
