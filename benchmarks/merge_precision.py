@@ -4,13 +4,15 @@
     python benchmarks/merge_precision.py --layers 32 --compute bfloat16 --merge bfloat16 float32 --verify-in float32
 
 A random-weight model of the Llama-3.1-8B family's width (hidden 1,024 here, 4,096 on the GPU suite; no download:
-qlora_kit/bench/shapes.py builds it) is trained for 4 steps on the GPU suite's mixed-length chat data with the given
-4-bit compute dtype, then merged into each merge dtype and verified the way `qlora-kit merge` does: the adapter on
-the 4-bit base against the merged model, on held-out examples, both computed in float32 whatever the run computed in
-(`--verify-in own` computes each in its own dtype instead, the adapter in the run's compute dtype and the merged
-model in its stored one, as verification did before, to show why it no longer does; both by default). One line
-per (layers, compute, merge, verification dtype) with the verification figures and whether they pass the recipe's
-default thresholds.
+qlora_kit/bench/shapes.py builds it) is trained for 4 steps (`--steps`) on the GPU suite's mixed-length chat data
+with the given 4-bit compute dtype, then merged into each merge dtype and verified the way `qlora-kit merge` does:
+the adapter on the 4-bit base against the merged model, on held-out examples, both computed in float32 whatever the
+run computed in (`--verify-in own` computes each in its own dtype instead, the adapter in the run's compute dtype
+and the merged model in its stored one, as verification did before, to show why it no longer does; both by default).
+One line per (layers, compute, merge, verification dtype) with the verification figures and whether they pass the
+recipe's default thresholds, and beside them what of the adapter's update the merged weights carry (merged minus a
+merge at weight 0, against the same in float32): its relative error, and the share of updated weights left at their
+base value (a 16-bit merge rounds W + BA back onto W when the update is under half a rounding step).
 """
 
 from __future__ import annotations
@@ -31,17 +33,25 @@ SHAPE = (
     "arch:llama-3.1-8b,num_hidden_layers={layers},hidden_size=1024,intermediate_size=3584,num_attention_heads=8,"
     "num_key_value_heads=2,vocab_size=4096"
 )
-FIGURES = ("max_abs_logit_diff", "mean_abs_logit_diff", "loss_diff", "generation_agreement", "passed")
+FIGURES = (
+    "max_abs_logit_diff",
+    "mean_abs_logit_diff",
+    "loss_adapter",
+    "loss_merged",
+    "loss_diff",
+    "generation_agreement",
+    "passed",
+)
 
 
-def trained_run(layers: int, compute: str, workdir: Path) -> Path:
-    """A 4-step QLoRA run of the random shape, computing in ``compute``."""
+def trained_run(layers: int, compute: str, workdir: Path, steps: int = 4) -> Path:
+    """A short QLoRA run of the random shape, computing in ``compute``."""
     from qlora_kit.train import train
 
     sizes = replace(gpu_suite.DRY, model=SHAPE.format(layers=layers), max_length=256, batch_size=2, rows=48)
     recipe_path = gpu_suite.write_data(sizes, str(REPO / "models" / "demo-base"), workdir)
     compute_dtype = f"quantization.bnb_4bit_compute_dtype={compute}"
-    recipe = gpu_suite.short_run_recipe(recipe_path, workdir, 4, (compute_dtype,))
+    recipe = gpu_suite.short_run_recipe(recipe_path, workdir, steps, (compute_dtype,))
     run = workdir / "run"
     train(recipe, run, force=True)
     return run
@@ -69,33 +79,79 @@ def verified_merge(run: Path, merge_dtype: str, where: str) -> dict:
     return {key: report["verification"][key] for key in FIGURES}
 
 
+def merged_weights(run: Path, dtype: str, weight: float, scratch: Path) -> dict:
+    """The run merged (unverified) at this adapter weight into ``dtype``, every tensor read back as float32."""
+    from safetensors.torch import load_file
+
+    from qlora_kit.merge import merge_run
+
+    output = scratch / f"merged-{dtype}-{weight}"
+    merge_run(run, output, ["merge.verify=false", f"merge.dtype={dtype}", f"merge.weight={weight}"], force=True)
+    tensors = {}
+    for shard in sorted(output.glob("*.safetensors")):
+        tensors.update({name: t.float() for name, t in load_file(shard).items()})
+    return tensors
+
+
+def update_kept(run: Path, merge_dtype: str, scratch: Path) -> dict:
+    """What of the adapter's update the stored weights carry: ``merged - base`` in ``merge_dtype`` against the same
+    in float32, over the weights the adapter changes. A 16-bit merge rounds W + BA to the grid W is stored on, so an
+    update under half a rounding step disappears."""
+    exact = {
+        n: t - b
+        for (n, t), b in zip(
+            merged_weights(run, "float32", 1.0, scratch).items(),
+            merged_weights(run, "float32", 0.0, scratch).values(),
+            strict=True,
+        )
+    }
+    stored = {
+        n: t - b
+        for (n, t), b in zip(
+            merged_weights(run, merge_dtype, 1.0, scratch).items(),
+            merged_weights(run, merge_dtype, 0.0, scratch).values(),
+            strict=True,
+        )
+    }
+    changed = [n for n, delta in exact.items() if delta.abs().max() > 0]
+    error = sum(float((stored[n] - exact[n]).norm() ** 2) for n in changed) ** 0.5
+    norm = sum(float(exact[n].norm() ** 2) for n in changed) ** 0.5
+    updated = sum(int((exact[n] != 0).sum()) for n in changed)
+    vanished = sum(int(((exact[n] != 0) & (stored[n] == 0)).sum()) for n in changed)
+    return {"update_error": error / norm if norm else 0.0, "vanished": vanished / updated if updated else 0.0}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--compute", nargs="+", default=["float32", "bfloat16"], help="4-bit compute dtypes")
     parser.add_argument("--merge", nargs="+", default=["float32", "bfloat16"], help="merged weights' dtypes")
+    parser.add_argument("--steps", type=int, default=4, help="training steps before the merge (the GPU suite's 4)")
     parser.add_argument(
         "--verify-in", nargs="+", choices=["float32", "own"], default=["float32", "own"], help="verification's dtype"
     )
     args = parser.parse_args()
     print(
-        "| layers | compute | merge | verified in | max abs logit diff | mean abs logit diff | loss diff | "
-        "generations | passed |"
+        "| layers | compute | merge | update error | updates lost | verified in | max abs logit diff | "
+        "mean abs logit diff | loss merged - adapter | generations | passed |"
     )
-    print("|---:|---|---|---|---:|---:|---:|---:|---|")
+    print("|---:|---|---|---:|---:|---|---:|---:|---:|---:|---|")
     for layers in args.layers:
         for compute in args.compute:
             with tempfile.TemporaryDirectory(prefix="merge-precision-") as scratch:
-                run = trained_run(layers, compute, Path(scratch))
+                run = trained_run(layers, compute, Path(scratch), args.steps)
                 for merge_dtype in args.merge:
+                    kept = update_kept(run, merge_dtype, Path(scratch))
                     for where in args.verify_in:
                         if where == "own" and compute == merge_dtype == "float32":
                             continue  # the same as float32
                         v = verified_merge(run, merge_dtype, where)
                         verified_in = "float32" if where == "float32" else "own dtypes"
+                        shift = v["loss_merged"] - v["loss_adapter"]
                         print(
-                            f"| {layers} | {compute} | {merge_dtype} | {verified_in} | "
-                            f"{v['max_abs_logit_diff']:.3g} | {v['mean_abs_logit_diff']:.3g} | {v['loss_diff']:.3g} | "
+                            f"| {layers} | {compute} | {merge_dtype} | {kept['update_error']:.1%} | "
+                            f"{kept['vanished']:.1%} | {verified_in} | "
+                            f"{v['max_abs_logit_diff']:.3g} | {v['mean_abs_logit_diff']:.3g} | {shift:+.3g} | "
                             f"{v['generation_agreement']:.0%} | {'yes' if v['passed'] else 'no'} |",
                             flush=True,
                         )
