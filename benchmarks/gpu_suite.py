@@ -8,22 +8,26 @@ Stages, all on random weights of the shape (no download; qlora_kit/bench/shapes.
 1. training: qlora-kit beside a plain trl + peft script (`qlora-kit bench train`, each side in its own process) on
    the same mixed-length chat data (benchmarks/train_vs_trl.py writes it): tokens/s, MFU, peak VRAM, and the
    planner's prediction for each side;
-2. the long-context ladder (benchmarks/long_context.py): peak memory of one step per length with and without each
+2. packed layouts (benchmarks/packed_step.py): qlora-kit's training step on the same packed batches of stage 1's
+   data with each contamination-free layout the GPU can run: sdpa with one packed row per batch slot (what qlora-kit
+   picks for sdpa), sdpa with the whole batch in one row, and flash-attention's variable-length kernel on one row
+   when the flash-attn package is installed; step time, tokens/s and peak memory per layout;
+3. the long-context ladder (benchmarks/long_context.py): peak memory of one step per length with and without each
    memory switch, beside the planner;
-3. a short qlora-kit run, merged and verified (`qlora-kit merge`'s logit, loss and generation checks);
-4. qlora-kit beside the peers (benchmarks/peers.py on the GPU): the demo job (recipes/demo.yaml, the committed demo
+4. a short qlora-kit run, merged and verified (`qlora-kit merge`'s logit, loss and generation checks);
+5. qlora-kit beside the peers (benchmarks/peers.py on the GPU): the demo job (recipes/demo.yaml, the committed demo
    model, not the 8B shape) in qlora-kit, LLaMA-Factory, axolotl and a plain trl script, 3 interleaved rounds of 100
    steps, bf16 compute; a peer that cannot be installed (no route to PyPI) or imported is named as left out with its
    reason, and the stage goes on without it;
-5. the section: machine, versions, every figure, and the targets with pass or fail: at least 1.5x the plain script's
+6. the section: machine, versions, every figure, and the targets with pass or fail: at least 1.5x the plain script's
    tokens/s, at most 0.6x its peak VRAM, at least 40% MFU.
 
 Without a GPU, `make bench-gpu` says so in one `error:` line and points to the dry run, which writes its section to
 --results (benchmarks/out/RESULTS-dry-run.md from make) so the committed file only ever holds GPU figures. The dry
-run's stage 4 runs peers.py on CPU with the two tools that need no install (qlora-kit and trl), one short round.
+run's stage 5 runs peers.py on CPU with the two tools that need no install (qlora-kit and trl), one short round.
 
-If peers.py itself fails (qlora-kit or trl could not train), the section says so in stage 4's place and the suite
-exits 1 after writing it, so stages 1-3's figures are kept.
+If peers.py itself fails (qlora-kit or trl could not train), the section says so in stage 5's place and the suite
+exits 1 after writing it, so stages 1-4's figures are kept. A layout that fails is reported in its place the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,6 +71,8 @@ class Sizes:
     peer_rounds: int
     peer_steps: int
     peer_skip_steps: int  # steps left out of peers.py's step time and tokens/s
+    layout_rounds: int  # packed_step.py's interleaved rounds (after a warm-up round) and batches per round
+    layout_batches: int
 
 
 FULL = Sizes(
@@ -82,6 +89,8 @@ FULL = Sizes(
     peer_rounds=3,
     peer_steps=100,
     peer_skip_steps=5,
+    layout_rounds=2,
+    layout_batches=3,
 )
 DRY = Sizes(
     model="arch:llama-3.1-8b,num_hidden_layers=2,hidden_size=64,intermediate_size=128,num_attention_heads=4,"
@@ -98,6 +107,8 @@ DRY = Sizes(
     peer_rounds=1,
     peer_steps=6,
     peer_skip_steps=2,
+    layout_rounds=1,
+    layout_batches=2,
 )
 # Switches that keep checkpointing on share one process (one model load), trl's selective checkpointing last (it wraps
 # the model for good); turning checkpointing off needs a process of its own. The dry run checks the same code path
@@ -155,6 +166,45 @@ def baseline_plan(recipe_path: str, overrides: list[str]) -> dict[str, Any]:
     shape = Shape.from_config(config, name=source)
     settings = settings_from_recipe(recipe, this_machine(), shape)
     return predict(shape, replace(settings, unquantized_bytes=4)).as_dict()
+
+
+def layout_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, Any]:
+    """qlora-kit's step on the same packed batches in each layout the GPU can run (benchmarks/packed_step.py)."""
+    import gc
+
+    import packed_step
+    import torch
+
+    names = ["sdpa", "one-row"]
+    left_out = {}
+    if packed_step.flash_attention_available():
+        names.append("flash-one-row")
+    else:
+        why = "the flash-attn package is not installed" if torch.cuda.is_available() else "no GPU"
+        left_out["flash-one-row"] = why
+    try:
+        # Built for sdpa, so its own collator is the separate-rows one; each variant then sets kernel and collator.
+        recipe = short_run_recipe(recipe_path, workdir, 1, ("model.attn_implementation=sdpa",))
+        trainer, model = packed_step.build_from_recipe(recipe, workdir / "layouts")
+        batches = packed_step.packed_batches(trainer, sizes.layout_batches)
+        measured = packed_step.interleaved(trainer, model, names, batches, sizes.layout_rounds)
+    except Exception as exc:  # a stage that fails is reported in the section, the others still run
+        return {"failed": f"{type(exc).__name__}: {exc}"[:300], "left_out": left_out}
+    finally:
+        trainer = model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    tokens = sum(len(example["input_ids"]) for batch in batches for example in batch) / len(batches)
+    layouts = {
+        name: {
+            "step_ms": 1000 * statistics.median(figures["seconds"]),
+            "tokens_per_second": tokens / statistics.median(figures["seconds"]),
+            "peak_bytes": figures["peak_bytes"],
+        }
+        for name, figures in measured.items()
+    }
+    return {"tokens_per_step": tokens, "layouts": layouts, "left_out": left_out}
 
 
 def ladder_stage(sizes: Sizes, tokenizer: str, dry_run: bool) -> dict[str, Any]:
@@ -319,6 +369,8 @@ def section(result: dict[str, Any], command: str) -> str:
         "",
         long_context.markdown(result["ladder"]).rstrip(),
         "",
+        _layout_line(result["layouts"], result["sizes"]),
+        "",
         _merge_line(result["merge"]),
         "",
         *peers_lines(result["peers"], result["sizes"]),
@@ -350,6 +402,37 @@ def peers_lines(report: dict[str, Any], sizes: dict[str, Any]) -> list[str]:
     if versions:
         lines += [f"Peer versions: {versions}.", ""]
     return lines
+
+
+LAYOUT_NAMES = {
+    "sdpa": "sdpa, one packed row per batch slot",
+    "one-row": "sdpa, the batch in one row",
+    "flash-one-row": "flash-attention varlen, the batch in one row",
+}
+
+
+def _layout_line(report: dict[str, Any], sizes: dict[str, Any]) -> str:
+    left_out = "; ".join(f"{LAYOUT_NAMES[name]}: left out ({why})" for name, why in report["left_out"].items())
+    if "failed" in report:
+        return f"Packed layouts (`benchmarks/packed_step.py`): FAILED ({report['failed']})." + (
+            f" {left_out}." if left_out else ""
+        )
+    layouts = report["layouts"]
+    first = layouts["sdpa"]["step_ms"]
+    parts = [
+        f"{LAYOUT_NAMES[name]} {figures['step_ms']:.0f} ms ({figures['tokens_per_second']:,.0f} tokens/s, "
+        f"{first / figures['step_ms']:.2f}x"
+        + (f", peak {figures['peak_bytes'] / 2**20:,.0f} MiB" if figures["peak_bytes"] else "")
+        + ")"
+        for name, figures in layouts.items()
+    ]
+    return (
+        f"Packed layouts (`benchmarks/packed_step.py` on stage 1's data, {report['tokens_per_step']:,.0f} tokens a "
+        f"step, median of {sizes['layout_rounds']} interleaved round(s) x {sizes['layout_batches']} batches): "
+        + "; ".join(parts)
+        + (f"; {left_out}" if left_out else "")
+        + "."
+    )
 
 
 def _merge_line(merge: dict[str, Any]) -> str:
@@ -393,13 +476,15 @@ def run_suite(
     with tempfile.TemporaryDirectory(prefix="gpu-suite-") as scratch:
         workdir = Path(scratch)
         recipe_path = write_data(sizes, tokenizer, workdir)
-        print("stage 1/4: qlora-kit beside plain trl", flush=True)
+        print("stage 1/5: qlora-kit beside plain trl", flush=True)
         training = training_stage(recipe_path, sizes, workdir)
-        print("stage 2/4: the long-context ladder", flush=True)
+        print("stage 2/5: packed layouts (benchmarks/packed_step.py)", flush=True)
+        layouts = layout_stage(recipe_path, sizes, workdir)
+        print("stage 3/5: the long-context ladder", flush=True)
         ladder = ladder_stage(sizes, tokenizer, dry_run)
-        print("stage 3/4: a short run, merged and verified", flush=True)
+        print("stage 4/5: a short run, merged and verified", flush=True)
         merge = merge_stage(recipe_path, sizes, workdir)
-        print("stage 4/4: qlora-kit beside the peers (benchmarks/peers.py)", flush=True)
+        print("stage 5/5: qlora-kit beside the peers (benchmarks/peers.py)", flush=True)
         peers_report = peers_stage(sizes, workdir, dry_run)
     result = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -408,6 +493,7 @@ def run_suite(
         "sizes": sizes.__dict__,
         "training": training,
         "targets": targets(training),
+        "layouts": layouts,
         "ladder": ladder,
         "merge": merge,
         "peers": peers_report,
@@ -430,11 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tokenizer", default=str(REPO / "models" / "demo-base"))
     parser.add_argument("--json", help="also write every figure here")
-    parser.add_argument("--peer-rounds", type=int, help="stage 4's interleaved rounds (default 3; 1 in the dry run)")
+    parser.add_argument("--peer-rounds", type=int, help="stage 5's interleaved rounds (default 3; 1 in the dry run)")
     parser.add_argument(
         "--peer-tools",
         nargs="+",
-        help="the tools stage 4 runs (default: qlora-kit, LLaMA-Factory, axolotl, trl; qlora-kit and trl need no "
+        help="the tools stage 5 runs (default: qlora-kit, LLaMA-Factory, axolotl, trl; qlora-kit and trl need no "
         "install, for a GPU machine that cannot reach PyPI)",
     )
     args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
     python benchmarks/packed_step.py                                  # loss: trl's chunked head vs the model's own
     python benchmarks/packed_step.py --variants sdpa eager one-row    # attention kernels and batch layouts
     python benchmarks/packed_step.py --profile model-loss             # torch profiler table of one variant
+    python benchmarks/packed_step.py --variants sdpa one-row flash-one-row model.attn_implementation=sdpa  # a GPU
 
 The trainer is built by qlora-kit's own path (``make_trainer``) for the recipe (default recipes/demo.yaml: packing
 on, max length 128, batch 8), so the baseline is exactly what `qlora-kit train` runs. Each round runs every variant
@@ -18,6 +19,8 @@ Variants (each sets everything it depends on, so the order does not matter):
   eager       model-loss with transformers' eager attention (the same per-example mask, as a float bias)
   one-row     model-loss with trl's padding-free collator: the whole batch in one row, position ids restarting at
               each example, so sdpa gets one (rows x length)^2 block-diagonal mask
+  flash-one-row  the same row through flash-attention 2, whose variable-length kernel reads the example boundaries
+              from the position ids (needs the flash-attn package and a GPU it supports)
   no-dropout  model-loss with the LoRA dropout set to 0 (not a change to ship: it shows what the dropout costs)
   wide-draws  model-loss with each LoRA dropout mask made from 64-bit random integers read as four 16-bit ones (a
               quarter of the generator calls; the drop rate rounded to 1/65,536), to measure what a cheaper CPU mask
@@ -39,16 +42,22 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def build(recipe_path: Path, overrides: list[str], workdir: Path):
+    from qlora_kit.recipe import load_recipe
+
+    settings = ["training.save_strategy=no", "training.report_to=none", "training.disable_tqdm=true"]
+    return build_from_recipe(load_recipe(str(recipe_path), [*settings, *overrides]), workdir)
+
+
+def build_from_recipe(recipe, workdir: Path):
+    """qlora-kit's own trainer and model for ``recipe``, ready for single steps outside Trainer's loop."""
     from transformers import set_seed
 
     from qlora_kit import data as data_stage
     from qlora_kit import model as model_stage
     from qlora_kit import tokenizer as tokenizer_rules
-    from qlora_kit.recipe import load_recipe, training_args
+    from qlora_kit.recipe import training_args
     from qlora_kit.train import make_trainer
 
-    settings = ["training.save_strategy=no", "training.report_to=none", "training.disable_tqdm=true"]
-    recipe = load_recipe(str(recipe_path), [*settings, *overrides])
     set_seed(training_args(recipe)["seed"])
     tokenizer = tokenizer_rules.load_tokenizer(recipe)
     prepared = dataclasses.replace(data_stage.build_datasets(recipe, tokenizer), eval=None)
@@ -68,8 +77,11 @@ def variants(trainer, model) -> dict:
     backbone = model.get_base_model()
     dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     dropout_p = dropouts[0].p if dropouts else 0.0
+    own_loss = trainer.full_logits_loss  # the loss qlora-kit picked for this model and batch (see full_logits_fit)
 
-    def setting(full_loss=True, collator=separate, kernel="sdpa", dropout=dropout_p, wide_draws=False):
+    def setting(full_loss=None, collator=separate, kernel="sdpa", dropout=dropout_p, wide_draws=False):
+        full_loss = own_loss if full_loss is None else full_loss
+
         def apply():
             trainer.full_logits_loss = full_loss
             trainer.data_collator = collator
@@ -85,10 +97,11 @@ def variants(trainer, model) -> dict:
 
     return {
         "trl-loss": setting(full_loss=False),
-        "model-loss": setting(),
+        "model-loss": setting(full_loss=True),
         "sdpa": setting(),
         "eager": setting(kernel="eager"),
         "one-row": setting(collator=one_row),
+        "flash-one-row": setting(collator=one_row, kernel="flash_attention_2"),
         "no-dropout": setting(dropout=0.0),
         "wide-draws": setting(wide_draws=True),
     }
@@ -109,15 +122,53 @@ def wide_draw_dropout(module: torch.nn.Dropout):
     return forward
 
 
+def flash_attention_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return torch.cuda.is_available() and is_flash_attn_2_available()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU step is timed when its kernels finish, not when they are queued
+
+
 def step(trainer, model, examples) -> float:
     """One optimizer step on freshly collated examples; returns its wall time in seconds."""
+    _sync()
     started = time.perf_counter()
     inputs = trainer._prepare_inputs(trainer.data_collator(examples))
     trained = int((inputs["labels"][:, 1:] != -100).sum())
     trainer.training_step(model, inputs, torch.tensor(trained))
     trainer.optimizer.step()
     trainer.optimizer.zero_grad()
+    _sync()
     return time.perf_counter() - started
+
+
+def packed_batches(trainer, count: int) -> list[list[dict]]:
+    """The first ``count`` batches of packed rows, as the trainer's dataloader would group them (in order)."""
+    size, data = trainer.args.per_device_train_batch_size, trainer.train_dataset
+    return [[data[i] for i in range(b * size, (b + 1) * size)] for b in range(count)]
+
+
+def interleaved(trainer, model, names: list[str], batches: list, rounds: int) -> dict[str, dict]:
+    """Each variant in turn on the same batches, ``rounds`` times after a warm-up round: its step times (seconds)
+    and, on a GPU, the peak memory its steps reached (bytes)."""
+    settings = variants(trainer, model)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, int] = dict.fromkeys(names, 0)
+    for round_ in range(rounds + 1):
+        for name in names:
+            settings[name]()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            measured = [step(trainer, model, examples) for examples in batches]
+            if round_ > 0:
+                times[name].extend(measured)
+                if torch.cuda.is_available():
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated())
+    return {name: {"seconds": times[name], "peak_bytes": peaks[name] or None} for name in names}
 
 
 def main() -> None:
@@ -134,20 +185,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="qlora-kit-packed-step-") as workdir:
         trainer, model = build(args.recipe, args.overrides, Path(workdir))
-    settings = variants(trainer, model)
-    size = trainer.args.per_device_train_batch_size
-    data = trainer.train_dataset
-    batches = [[data[i] for i in range(b * size, (b + 1) * size)] for b in range(args.batches)]
+    batches = packed_batches(trainer, args.batches)
     if args.profile:
-        profile(trainer, model, settings[args.profile], batches)
+        profile(trainer, model, variants(trainer, model)[args.profile], batches)
         return
-    times: dict[str, list[float]] = {name: [] for name in args.variants}
-    for round_ in range(args.rounds + 1):
-        for name in args.variants:
-            settings[name]()
-            measured = [step(trainer, model, examples) for examples in batches]
-            if round_ > 0:
-                times[name].extend(measured)
+    if "flash-one-row" in args.variants and not flash_attention_available():
+        parser.error("flash-one-row needs a GPU and the flash-attn package")
+    measured = interleaved(trainer, model, args.variants, batches, args.rounds)
+    times = {name: figures["seconds"] for name, figures in measured.items()}
     tokens = statistics.mean(sum(len(e["input_ids"]) for e in examples) for examples in batches)
     print(f"{args.rounds} rounds x {args.batches} batches, {args.threads} threads, {tokens:.0f} input tokens/step")
     first = statistics.median(times[args.variants[0]])

@@ -58,7 +58,14 @@ def test_dry_run_writes_every_figure_to_the_results_file_it_is_given(tmp_path):
     assert all("GPU" in why for why in skipped.values())
     assert report["merge"]["passed"] is True and report["merge"]["max_abs_logit_diff"] < 1e-3
 
-    # Stage 4: benchmarks/peers.py on CPU with the two tools that need no install, its table in the section.
+    # Stage 2: the packed layouts side by side; flash-attention's is named as left out without a GPU.
+    layouts = report["layouts"]
+    assert set(layouts["layouts"]) == {"sdpa", "one-row"} and layouts["left_out"] == {"flash-one-row": "no GPU"}
+    assert all(figures["step_ms"] > 0 and figures["tokens_per_second"] > 0 for figures in layouts["layouts"].values())
+    line = next(line for line in text.splitlines() if line.startswith("Packed layouts"))
+    assert "sdpa, one packed row per batch slot" in line and "1.00x" in line and "left out (no GPU)" in line
+
+    # Stage 5: benchmarks/peers.py on CPU with the two tools that need no install, its table in the section.
     beside = report["peers"]
     assert beside["device"] == "cpu" and beside["left_out"] == {} and set(beside["results"]) == {"qlora-kit", "trl"}
     lines = text.splitlines()
@@ -76,7 +83,7 @@ def test_dry_run_writes_every_figure_to_the_results_file_it_is_given(tmp_path):
 
 
 def test_a_peer_that_cannot_be_installed_or_imported_is_left_out_with_its_reason(tmp_path, monkeypatch):
-    """What stage 4 meets on a GPU machine with no route to PyPI: the peer is named with pip's last line, not run."""
+    """What stage 5 meets on a GPU machine with no route to PyPI: the peer is named with pip's last line, not run."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import gpu_suite
     import peers
