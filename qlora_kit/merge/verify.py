@@ -4,7 +4,7 @@ Both run the same held-out examples one at a time (no padding, so nothing but th
 absolute logit difference over every position and vocabulary entry, held-out loss on the trained tokens, and greedy
 generations. Only one model is in memory at a time; the reference logits wait on disk. Both compute in float32
 whatever their weights are stored in (``model.compute_in_float32``): in bf16, two models that hold the same function
-disagree by their rounding alone, more with every layer, enough to fail a correct merge of an 8B model.
+disagree by their rounding alone, more with every layer, which would hide or mimic what the merge changed.
 
 Before that, the adapter's held-out loss is compared with the one ``train`` recorded in metrics.json: a base
 checkpoint that changed since training (another revision) shows up there, even though both sides of the merged-vs-
