@@ -190,7 +190,7 @@ def compute_in_float32(model) -> int:
     """Make ``model`` compute in float32 while its weights stay stored as they are; return the layers changed.
 
     Merge verification compares two models that hold the same function up to rounding; computed in bf16, their
-    rounding differences alone grow with depth (a loss difference of 0.004 at 16 layers of an 8B-wide model for a
+    rounding differences alone grow with depth (a loss difference of 0.004 at 16 layers of an 8B-family shape for a
     float32 merge, which is exact), enough to hide or mimic what the merge changed. Loading both in float32 would
     double the merged model's memory; instead every 16-bit weight is upcast when its layer reads it (torch's
     parametrizations: one float32 copy at a time), and each 4-bit layer dequantizes, as in training, then multiplies
