@@ -25,6 +25,8 @@ Variants (each sets everything it depends on, so the order does not matter):
   wide-draws  model-loss with each LoRA dropout mask made from 64-bit random integers read as four 16-bit ones (a
               quarter of the generator calls; the drop rate rounded to 1/65,536), to measure what a cheaper CPU mask
               would buy: an experiment, not what qlora-kit trains with
+  compiled-dropout  model-loss with each LoRA dropout compiled by torch.compile (inductor draws its own random
+              numbers in generated code): whether the compiler's generator is a cheaper CPU mask; an experiment
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def variants(trainer, model) -> dict:
     dropout_p = dropouts[0].p if dropouts else 0.0
     own_loss = trainer.full_logits_loss  # the loss qlora-kit picked for this model and batch (see full_logits_fit)
 
-    def setting(full_loss=None, collator=separate, kernel="sdpa", dropout=dropout_p, wide_draws=False):
+    def setting(full_loss=None, collator=separate, kernel="sdpa", dropout=dropout_p, wide_draws=False, compiled=False):
         full_loss = own_loss if full_loss is None else full_loss
 
         def apply():
@@ -90,6 +92,8 @@ def variants(trainer, model) -> dict:
                 module.p = dropout
                 if wide_draws:
                     module.forward = wide_draw_dropout(module)
+                elif compiled:
+                    module.forward = compiled_dropout(module)
                 else:
                     module.__dict__.pop("forward", None)  # back to nn.Dropout's own forward
 
@@ -104,6 +108,7 @@ def variants(trainer, model) -> dict:
         "flash-one-row": setting(collator=one_row, kernel="flash_attention_2"),
         "no-dropout": setting(dropout=0.0),
         "wide-draws": setting(wide_draws=True),
+        "compiled-dropout": setting(compiled=True),
     }
 
 
@@ -118,6 +123,16 @@ def wide_draw_dropout(module: torch.nn.Dropout):
         count = x.numel()
         draws = torch.empty((count + 3) // 4, dtype=torch.int64).random_(-(2**63), None).view(torch.int16)[:count]
         return x * (draws.view(x.shape) >= threshold) * keep_scale
+
+    return forward
+
+
+def compiled_dropout(module: torch.nn.Dropout):
+    """The module's dropout through torch.compile, one compiled function for every shape (dynamic)."""
+    compiled = torch.compile(torch.nn.functional.dropout, dynamic=True)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return compiled(x, module.p, module.training)
 
     return forward
 
