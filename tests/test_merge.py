@@ -260,6 +260,15 @@ def test_a_bf16_run_is_verified_in_float32(tmp_path, tiny_architecture_dir, arit
     assert len(error.splitlines()) == 1 and error.endswith("merge.dtype=float32 keeps them")
 
 
+def test_a_bf16_dora_run_is_verified_in_float32(tmp_path, tiny_architecture_dir, arithmetic_rows):
+    """DoRA reads the dequantized base weight itself (for its norms) beside the 4-bit layer's float32 forward."""
+    model = {"name_or_path": str(tiny_architecture_dir("llama")), "dtype": "bfloat16"}
+    lora = {"use_dora": True, "use_rslora": True}
+    run = make_run(tmp_path, tiny_architecture_dir("llama"), arithmetic_rows, lora, compute="bfloat16", model=model)
+    verification = merge_run(run, tmp_path / "merged", [*FAST, "dtype=float32"]).report["verification"]
+    assert verification["passed"] and verification["max_abs_logit_diff"] < 1e-4, verification
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A trained run: CLI end to end, deployment files, verification failures, a changed base
 
