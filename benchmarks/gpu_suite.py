@@ -8,12 +8,13 @@ Stages, all on random weights of the shape (no download; qlora_kit/bench/shapes.
 1. training: qlora-kit beside a plain trl + peft script (`qlora-kit bench train`, each side in its own process) on
    the same mixed-length chat data (benchmarks/train_vs_trl.py writes it): tokens/s, MFU, peak VRAM, and the
    planner's prediction for each side;
-2. packed layouts (benchmarks/packed_step.py): qlora-kit's training step on the same packed batches of stage 1's
+2. the long-context ladder (benchmarks/long_context.py): peak memory of one step per length with and without each
+   memory switch, beside the planner;
+3. packed layouts (benchmarks/packed_step.py): qlora-kit's training step on the same packed batches of stage 1's
    data with each contamination-free layout the GPU can run: sdpa with one packed row per batch slot (what qlora-kit
    picks for sdpa), sdpa with the whole batch in one row, and flash-attention's variable-length kernel on one row
-   when the flash-attn package is installed; step time, tokens/s and peak memory per layout;
-3. the long-context ladder (benchmarks/long_context.py): peak memory of one step per length with and without each
-   memory switch, beside the planner;
+   when the flash-attn package is installed; step time, tokens/s and peak memory per layout (in this process, after
+   the ladder's own processes, so what it leaves in GPU memory never crowds them);
 4. a short qlora-kit run, merged and verified (`qlora-kit merge`'s logit, loss and generation checks);
 5. qlora-kit beside the peers (benchmarks/peers.py on the GPU): the demo job (recipes/demo.yaml, the committed demo
    model, not the 8B shape) in qlora-kit, LLaMA-Factory, axolotl and a plain trl script, 3 interleaved rounds of 100
@@ -478,10 +479,10 @@ def run_suite(
         recipe_path = write_data(sizes, tokenizer, workdir)
         print("stage 1/5: qlora-kit beside plain trl", flush=True)
         training = training_stage(recipe_path, sizes, workdir)
-        print("stage 2/5: packed layouts (benchmarks/packed_step.py)", flush=True)
-        layouts = layout_stage(recipe_path, sizes, workdir)
-        print("stage 3/5: the long-context ladder", flush=True)
+        print("stage 2/5: the long-context ladder", flush=True)
         ladder = ladder_stage(sizes, tokenizer, dry_run)
+        print("stage 3/5: packed layouts (benchmarks/packed_step.py)", flush=True)
+        layouts = layout_stage(recipe_path, sizes, workdir)
         print("stage 4/5: a short run, merged and verified", flush=True)
         merge = merge_stage(recipe_path, sizes, workdir)
         print("stage 5/5: qlora-kit beside the peers (benchmarks/peers.py)", flush=True)

@@ -58,7 +58,7 @@ def test_dry_run_writes_every_figure_to_the_results_file_it_is_given(tmp_path):
     assert all("GPU" in why for why in skipped.values())
     assert report["merge"]["passed"] is True and report["merge"]["max_abs_logit_diff"] < 1e-3
 
-    # Stage 2: the packed layouts side by side; flash-attention's is named as left out without a GPU.
+    # Stage 3: the packed layouts side by side; flash-attention's is named as left out without a GPU.
     layouts = report["layouts"]
     assert set(layouts["layouts"]) == {"sdpa", "one-row"} and layouts["left_out"] == {"flash-one-row": "no GPU"}
     assert all(figures["step_ms"] > 0 and figures["tokens_per_second"] > 0 for figures in layouts["layouts"].values())
