@@ -183,19 +183,16 @@ def layout_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, An
     else:
         why = "the flash-attn package is not installed" if torch.cuda.is_available() else "no GPU"
         left_out["flash-one-row"] = why
+    failed = None
     try:
-        # Built for sdpa, so its own collator is the separate-rows one; each variant then sets kernel and collator.
-        recipe = short_run_recipe(recipe_path, workdir, 1, ("model.attn_implementation=sdpa",))
-        trainer, model = packed_step.build_from_recipe(recipe, workdir / "layouts")
-        batches = packed_step.packed_batches(trainer, sizes.layout_batches)
-        measured = packed_step.interleaved(trainer, model, names, batches, sizes.layout_rounds)
+        batches, measured = _time_layouts(recipe_path, sizes, workdir, names)
     except Exception as exc:  # a stage that fails is reported in the section, the others still run
-        return {"failed": f"{type(exc).__name__}: {exc}"[:300], "left_out": left_out}
-    finally:
-        trainer = model = None
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        failed = f"{type(exc).__name__}: {exc}"[:300]
+    gc.collect()  # the model and its optimizer went with _time_layouts' frame: give their GPU memory back
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if failed:
+        return {"failed": failed, "left_out": left_out}
     tokens = sum(len(example["input_ids"]) for batch in batches for example in batch) / len(batches)
     layouts = {
         name: {
@@ -206,6 +203,17 @@ def layout_stage(recipe_path: Path, sizes: Sizes, workdir: Path) -> dict[str, An
         for name, figures in measured.items()
     }
     return {"tokens_per_step": tokens, "layouts": layouts, "left_out": left_out}
+
+
+def _time_layouts(recipe_path: Path, sizes: Sizes, workdir: Path, names: list[str]) -> tuple[list, dict]:
+    """qlora-kit's trainer for the shape, and its step timed in each layout on the same batches."""
+    import packed_step
+
+    # Built for sdpa, so its own collator is the separate-rows one; each variant then sets kernel and collator.
+    recipe = short_run_recipe(recipe_path, workdir, 1, ("model.attn_implementation=sdpa",))
+    trainer, model = packed_step.build_from_recipe(recipe, workdir / "layouts")
+    batches = packed_step.packed_batches(trainer, sizes.layout_batches)
+    return batches, packed_step.interleaved(trainer, model, names, batches, sizes.layout_rounds)
 
 
 def ladder_stage(sizes: Sizes, tokenizer: str, dry_run: bool) -> dict[str, Any]:

@@ -93,26 +93,15 @@ def merged_weights(run: Path, dtype: str, weight: float, scratch: Path) -> dict:
     return tensors
 
 
-def update_kept(run: Path, merge_dtype: str, scratch: Path) -> dict:
-    """What of the adapter's update the stored weights carry: ``merged - base`` in ``merge_dtype`` against the same
-    in float32, over the weights the adapter changes. A 16-bit merge rounds W + BA to the grid W is stored on, so an
-    update under half a rounding step disappears."""
-    exact = {
-        n: t - b
-        for (n, t), b in zip(
-            merged_weights(run, "float32", 1.0, scratch).items(),
-            merged_weights(run, "float32", 0.0, scratch).values(),
-            strict=True,
-        )
-    }
-    stored = {
-        n: t - b
-        for (n, t), b in zip(
-            merged_weights(run, merge_dtype, 1.0, scratch).items(),
-            merged_weights(run, merge_dtype, 0.0, scratch).values(),
-            strict=True,
-        )
-    }
+def update(run: Path, dtype: str, scratch: Path) -> dict:
+    """The adapter's update as the merged weights in ``dtype`` carry it: merged minus a merge at weight 0."""
+    merged, base = merged_weights(run, dtype, 1.0, scratch), merged_weights(run, dtype, 0.0, scratch)
+    return {name: tensor - base[name] for name, tensor in merged.items()}
+
+
+def update_kept(exact: dict, stored: dict) -> dict:
+    """What of the update (``exact``: float32) the stored weights carry, over the weights the adapter changes. A
+    16-bit merge rounds W + BA to the grid W is stored on, so an update under half a rounding step disappears."""
     changed = [n for n, delta in exact.items() if delta.abs().max() > 0]
     error = sum(float((stored[n] - exact[n]).norm() ** 2) for n in changed) ** 0.5
     norm = sum(float(exact[n].norm() ** 2) for n in changed) ** 0.5
@@ -126,7 +115,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--compute", nargs="+", default=["float32", "bfloat16"], help="4-bit compute dtypes")
     parser.add_argument("--merge", nargs="+", default=["float32", "bfloat16"], help="merged weights' dtypes")
-    parser.add_argument("--steps", type=int, default=4, help="training steps before the merge (the GPU suite's 4)")
+    parser.add_argument("--steps", type=int, default=4, help="training steps before the merge (default 4)")
     parser.add_argument(
         "--verify-in", nargs="+", choices=["float32", "own"], default=["float32", "own"], help="verification's dtype"
     )
@@ -140,8 +129,10 @@ def main() -> None:
         for compute in args.compute:
             with tempfile.TemporaryDirectory(prefix="merge-precision-") as scratch:
                 run = trained_run(layers, compute, Path(scratch), args.steps)
+                exact = update(run, "float32", Path(scratch))
                 for merge_dtype in args.merge:
-                    kept = update_kept(run, merge_dtype, Path(scratch))
+                    stored = exact if merge_dtype == "float32" else update(run, merge_dtype, Path(scratch))
+                    kept = update_kept(exact, stored)
                     for where in args.verify_in:
                         if where == "own" and compute == merge_dtype == "float32":
                             continue  # the same as float32

@@ -165,11 +165,11 @@ def repacked_for_cpu(model) -> bool:
     the weights training computed with."""
     import bitsandbytes as bnb
 
-    return any(
-        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
-        for m in model.modules()
-        if isinstance(m, bnb.nn.Linear4bit)
-    )
+    return any(_repacked(m) for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+def _repacked(layer) -> bool:
+    return getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
 
 
 def _float32_forward_4bit(layer):
@@ -202,7 +202,7 @@ def compute_in_float32(model) -> int:
     changed = 0
     for module in list(model.modules()):
         if isinstance(module, bnb.nn.Linear4bit):
-            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+            if _repacked(module):
                 raise ValueError("compute_in_float32 needs 4-bit layers in bitsandbytes' standard layout")
             module.forward = _float32_forward_4bit(module)
             changed += 1
